@@ -1,0 +1,26 @@
+"""tf_moe: Sparsely-Gated Mixture-of-Experts layers for Keras 3 on TensorFlow.
+
+Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
+Mixture-of-Experts Layer", ICLR 2017.
+"""
+
+import keras as _keras
+
+if _keras.backend.backend() != "tensorflow":
+    raise ImportError(
+        "tf_moe needs the TensorFlow backend of Keras 3, but Keras is running "
+        f"on the {_keras.backend.backend()!r} backend. Set the environment "
+        "variable KERAS_BACKEND=tensorflow before importing keras.")
+
+from tf_moe.balance import balancing_loss
+from tf_moe.balance import cv_squared
+from tf_moe.balance import importance
+from tf_moe.balance import smooth_load
+from tf_moe.dispatch import DispatchPlan
+from tf_moe.dispatch import make_dispatch_plan
+from tf_moe.experts import Experts
+from tf_moe.gating import GateOutput
+from tf_moe.gating import NoisyTopKGate
+from tf_moe.moe import MoE
+
+__version__ = "0.1.0"

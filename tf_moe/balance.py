@@ -1,0 +1,112 @@
+"""The paper's balancing losses (section 4): importance, smooth load, CV^2.
+
+All functions work in float32 (or the dtype of their inputs) and never
+allocate anything larger than the gate logits `[tokens, experts]`.
+"""
+
+import math
+
+import tensorflow as tf
+
+# Keeps CV^2 finite (0) when every entry is zero: an empty or fully masked
+# batch has zero importance and zero load, and must give a zero loss.
+_CV_EPSILON = 1e-10
+
+
+def cv_squared(values):
+    """Squared coefficient of variation, `var(values) / mean(values)^2`.
+
+    Uses the population variance, as the paper authors' implementation.
+
+    Args:
+        values: `[n]` float tensor (per-expert importance or load).
+
+    Returns:
+        Scalar. 0 for a single entry and for an all-zero vector.
+    """
+    values = tf.convert_to_tensor(values)
+    mean = tf.reduce_mean(values)
+    variance = tf.reduce_mean(tf.square(values - mean))
+    return variance / (tf.square(mean) + _CV_EPSILON)
+
+
+def importance(expert_ids, gate_weights, num_experts):
+    """`Importance(X)_i = sum_x G(x)_i`, from the sparse gate output.
+
+    Args:
+        expert_ids: `[tokens, k]` int expert index of each kept gate.
+        gate_weights: `[tokens, k]` gate value of each; zero for masked tokens.
+        num_experts: E.
+
+    Returns:
+        `[E]` importance, differentiable with respect to `gate_weights`.
+    """
+    return tf.math.unsorted_segment_sum(
+        tf.reshape(gate_weights, [-1]),
+        tf.reshape(expert_ids, [-1]),
+        num_experts,
+    )
+
+
+def normal_cdf(x):
+    """Phi, the standard normal CDF (erfc form: accurate in the lower tail)."""
+    return 0.5 * tf.math.erfc(-x / math.sqrt(2.0))
+
+
+def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,
+                token_weights=None):
+    """The paper's smooth load estimator, `Load(X)_i = sum_x P(x, i)`.
+
+    `P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_stddev_i)`: the
+    probability that expert i stays in the top k of H when only its own noise
+    is drawn again. `kth_excluding(H, k, i)` is the (k+1)-th largest of H for
+    an expert currently in the top k, and the k-th largest for one that is not.
+
+    Args:
+        clean_logits: `[tokens, E]` x . W_g.
+        noisy_logits: `[tokens, E]` H(x) (equal to clean_logits without noise).
+        noise_stddev: `[tokens, E]` positive noise scale.
+        top_values: `[tokens, >= k+1]` the largest values of H, descending.
+        k: experts per token.
+        token_weights: optional `[tokens]` 1 for real tokens, 0 for masked ones.
+
+    Returns:
+        `[E]` load, differentiable with respect to every input.
+    """
+    num_experts = clean_logits.shape[-1]
+    if k >= num_experts:
+        # Every expert is always chosen: P(x, i) = 1.
+        probabilities = tf.ones_like(clean_logits)
+    else:
+        threshold_if_in = top_values[:, k:k + 1]
+        threshold_if_out = top_values[:, k - 1:k]
+        is_in = noisy_logits > threshold_if_in
+        probabilities = tf.where(
+            is_in,
+            normal_cdf((clean_logits - threshold_if_in) / noise_stddev),
+            normal_cdf((clean_logits - threshold_if_out) / noise_stddev),
+        )
+    if token_weights is not None:
+        probabilities *= tf.cast(token_weights, probabilities.dtype)[:, None]
+    return tf.reduce_sum(probabilities, axis=0)
+
+
+def balancing_loss(importance_values, load_values, importance_weight,
+                   load_weight):
+    """`w_importance * CV(importance)^2 + w_load * CV(load)^2`.
+
+    Args:
+        importance_values: `[E]`.
+        load_values: `[E]`, or None when there is no load estimate (gating
+            without noise): then only the importance term applies.
+        importance_weight, load_weight: non-negative floats.
+
+    Returns:
+        `(importance_loss, load_loss)`, two scalars (load_loss 0 without load).
+    """
+    importance_loss = importance_weight * cv_squared(importance_values)
+    if load_values is None:
+        load_loss = tf.zeros_like(importance_loss)
+    else:
+        load_loss = load_weight * cv_squared(load_values)
+    return importance_loss, load_loss

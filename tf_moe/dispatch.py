@@ -135,7 +135,7 @@ def dispatch(tokens, plan):
     Returns:
         `[E, C, d]`; unfilled rows are zero.
     """
-    zero_row = tf.zeros_like(tokens[:1])
+    zero_row = tf.zeros([1, tokens.shape[-1]], tokens.dtype)
     return tf.gather(tf.concat([tokens, zero_row], axis=0),
                      plan.buffer_token_index)
 

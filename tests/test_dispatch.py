@@ -1,0 +1,110 @@
+"""The dispatch plan, dispatch and combine on constructed batches."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tf_moe import dispatch
+
+
+def _slow_plan(expert_ids, num_experts, capacity, token_mask=None):
+    """Reference: walk the slots in (rank, token) order, fill each expert."""
+    num_tokens, k = expert_ids.shape
+    if token_mask is None:
+        token_mask = np.ones(num_tokens, bool)
+    filled = [[] for _ in range(num_experts)]
+    kept = np.zeros((num_tokens, k), bool)
+    position = np.zeros((num_tokens, k), int)
+    dropped = 0
+    for rank in range(k):
+        for token in range(num_tokens):
+            if not token_mask[token]:
+                continue
+            expert = expert_ids[token, rank]
+            if capacity is None or len(filled[expert]) < capacity:
+                kept[token, rank] = True
+                position[token, rank] = len(filled[expert])
+                filled[expert].append(token)
+            else:
+                dropped += 1
+    return filled, kept, position, dropped
+
+
+def test_capacity_drops_and_counts_exactly_the_overflow():
+    # 6 tokens, k = 2, E = 3, capacity 2.
+    expert_ids = np.array([[0, 1], [0, 2], [0, 1], [1, 0], [2, 1], [0, 2]])
+    plan = dispatch.make_dispatch_plan(expert_ids, 3, capacity=2)
+    # First choices: expert 0 gets tokens 0, 1, 2, 5 -> keeps 0 and 1;
+    # expert 1 gets token 3; expert 2 gets token 4. Second choices then
+    # fill what is left: expert 1 takes token 0 (its 2nd), drops 2 and 4;
+    # expert 0 is full (drops token 3's 2nd); expert 2 takes token 1, drops 5.
+    np.testing.assert_array_equal(plan.expert_counts.numpy(), [5, 4, 3])
+    assert plan.num_dropped.numpy() == (5 - 2) + (4 - 2) + (3 - 2)
+    np.testing.assert_array_equal(
+        plan.slot_kept.numpy(),
+        [[True, True], [True, True], [False, False], [True, False],
+         [True, False], [False, False]])
+    np.testing.assert_array_equal(plan.buffer_token_index.numpy(),
+                                  [[0, 1], [3, 0], [4, 1]])
+
+
+@pytest.mark.parametrize("num_experts, k, capacity, masked", [
+    (4, 2, None, False), (4, 2, None, True), (8, 3, 2, True),
+    (5, 5, 3, False), (1, 1, None, True), (16, 4, 1, False),
+])
+def test_plan_matches_slow_reference(num_experts, k, capacity, masked):
+    rng = np.random.default_rng(num_experts * 10 + k)
+    num_tokens = 23
+    expert_ids = np.stack([rng.permutation(num_experts)[:k]
+                           for _ in range(num_tokens)])
+    token_mask = rng.random(num_tokens) < 0.7 if masked else None
+    plan = dispatch.make_dispatch_plan(
+        expert_ids, num_experts, capacity,
+        None if token_mask is None else tf.constant(token_mask))
+    filled, kept, position, dropped = _slow_plan(expert_ids, num_experts,
+                                                 capacity, token_mask)
+    expected_capacity = capacity or max(1, max(len(f) for f in filled))
+    assert plan.capacity.numpy() == expected_capacity
+    assert plan.num_dropped.numpy() == dropped
+    np.testing.assert_array_equal(plan.slot_kept.numpy(), kept)
+    rows = plan.slot_buffer_row.numpy()
+    np.testing.assert_array_equal(
+        rows[kept], (expert_ids * expected_capacity + position)[kept])
+    buffer_index = plan.buffer_token_index.numpy()
+    for expert in range(num_experts):
+        tokens = filled[expert][:expected_capacity]
+        np.testing.assert_array_equal(buffer_index[expert, :len(tokens)], tokens)
+        assert np.all(buffer_index[expert, len(tokens):] == num_tokens)
+
+
+def test_dispatch_then_combine_round_trips_tokens():
+    rng = np.random.default_rng(3)
+    tokens = rng.normal(size=(10, 4)).astype(np.float32)
+    expert_ids = np.stack([rng.permutation(5)[:2] for _ in range(10)])
+    gate_weights = rng.uniform(size=(10, 2)).astype(np.float32)
+    plan = dispatch.make_dispatch_plan(expert_ids, 5)
+    buffers = dispatch.dispatch(tokens, plan)
+    # Identity experts: every token comes back scaled by its summed gates.
+    combined = dispatch.combine(buffers, plan, gate_weights)
+    np.testing.assert_allclose(combined.numpy(),
+                               tokens * gate_weights.sum(1, keepdims=True),
+                               rtol=1e-6)
+    # Unfilled buffer rows are zeros.
+    filled = np.arange(plan.capacity.numpy())[None] < plan.expert_counts.numpy()[:, None]
+    assert np.all(buffers.numpy()[~filled] == 0.0)
+
+
+def test_empty_batch():
+    plan = dispatch.make_dispatch_plan(np.zeros((0, 2), np.int32), 4)
+    buffers = dispatch.dispatch(tf.zeros((0, 3)), plan)
+    combined = dispatch.combine(buffers, plan, tf.zeros((0, 2)))
+    assert buffers.shape == (4, 1, 3)
+    assert combined.shape == (0, 3)
+    assert plan.num_dropped.numpy() == 0
+
+
+def test_fixed_capacity():
+    assert dispatch.fixed_capacity(100, 8, 2, 1.0) == 25
+    assert dispatch.fixed_capacity(10, 8, 1, 1.25) == 2
+    dynamic = dispatch.fixed_capacity(tf.constant(100), 8, 2, 1.0)
+    assert dynamic.numpy() == 25

@@ -1,0 +1,195 @@
+"""MoE inside Keras models: fit, metrics, callbacks, saving and export."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+
+
+def _data(num=128, steps=6, width=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(num, steps, width)).astype(np.float32)
+    y = np.tanh(x @ rng.normal(size=(width, width))).astype(np.float32)
+    return x, y
+
+
+def _sequential(**moe_kwargs):
+    return keras.Sequential([
+        keras.Input((6, 8)),
+        tf_moe.MoE(8, 16, k=2, seed=1, **moe_kwargs),
+        keras.layers.Dense(8),
+    ])
+
+
+def _functional():
+    inputs = keras.Input((6, 8))
+    hidden = keras.layers.Dense(8)(inputs)
+    outputs = tf_moe.MoE(8, 16, k=2, seed=1)(hidden) + hidden
+    return keras.Model(inputs, outputs)
+
+
+class SubclassedMoEModel(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.moe = tf_moe.MoE(8, 16, k=2, seed=1)
+        self.head = keras.layers.Dense(8)
+
+    def call(self, inputs, training=None):
+        return self.head(self.moe(inputs, training=training))
+
+
+@pytest.mark.parametrize("build", [_sequential, _functional, SubclassedMoEModel])
+def test_fit_logs_balancing_metrics_and_reduces_loss(build):
+    x, y = _data()
+    model = build()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    history = model.fit(x, y, batch_size=32, epochs=4, verbose=0,
+                        validation_data=(x[:32], y[:32]))
+    logs = history.history
+    moe = next(l for l in model._flatten_layers() if isinstance(l, tf_moe.MoE))
+    for metric in ("importance_loss", "load_loss", "load_cv",
+                   "dropped_fraction"):
+        assert f"{moe.name}_{metric}" in logs, sorted(logs)
+        assert f"val_{moe.name}_{metric}" in logs
+        assert all(np.isfinite(logs[f"{moe.name}_{metric}"]))
+    assert logs["loss"][-1] < logs["loss"][0]
+    # The balancing losses are part of the objective fit minimises.
+    assert logs[f"{moe.name}_importance_loss"][0] > 0
+
+
+def test_two_moe_layers_log_separately():
+    model = keras.Sequential([keras.Input((6, 8)), tf_moe.MoE(4, 8, k=1),
+                              tf_moe.MoE(4, 8, k=1)])
+    model.compile("adam", "mse")
+    x, y = _data(num=16)
+    logs = model.fit(x, y, epochs=1, verbose=0).history
+    names = [layer.name for layer in model.layers]
+    assert len(set(names)) == 2
+    for name in names:
+        assert f"{name}_load_cv" in logs
+
+
+def test_callback_reads_expert_token_counts():
+    x, y = _data(num=64)
+    model = _sequential()
+    moe = model.layers[0]
+    seen = []
+
+    class CountRecorder(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            seen.append(moe.expert_token_counts.numpy().copy())
+
+    model.compile("adam", "mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0,
+              callbacks=[CountRecorder()])
+    assert len(seen) == 4
+    for counts in seen:
+        assert counts.shape == (8,)
+        assert counts.sum() == 16 * 6 * 2  # every token, k = 2, dropless
+
+
+def test_fit_with_jit_compile_and_capacity():
+    x, y = _data()
+    model = _sequential(capacity_factor=1.5)
+    model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
+    logs = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
+    assert logs["loss"][-1] < logs["loss"][0]
+    assert 0.0 <= logs[f"{model.layers[0].name}_dropped_fraction"][-1] < 0.5
+
+
+def test_fit_under_mixed_bfloat16():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x, y = _data()
+    model = _sequential()
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    logs = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
+    assert np.all(np.isfinite(logs["loss"]))
+    assert logs["loss"][-1] < logs["loss"][0]
+
+
+def test_get_config_round_trip():
+    layer = tf_moe.MoE(6, 12, k=3, output_size=5, noisy_gating=False,
+                       importance_weight=0.2, load_weight=0.05,
+                       capacity_factor=1.25, activation="gelu",
+                       expert_dropout=0.1, seed=3, name="my_moe")
+    clone = tf_moe.MoE.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
+
+
+def test_keras_file_round_trip(tmp_path):
+    x, y = _data(num=32)
+    model = _sequential(capacity_factor=2.0)
+    model.compile("adam", "mse")
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    restored = keras.models.load_model(path)
+    assert isinstance(restored.layers[0], tf_moe.MoE)
+    np.testing.assert_allclose(restored.predict(x, verbose=0),
+                               model.predict(x, verbose=0), atol=1e-6)
+
+
+def test_export_serves_in_a_fresh_process_without_tf_moe(tmp_path):
+    x, y = _data(num=32)
+    inputs = keras.Input((None, 8))
+    hidden = tf_moe.MoE(8, 16, k=2, seed=1)(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
+    model.compile(keras.optimizers.Adam(0.01), "mse")
+    model.fit(x, y[..., :3], epochs=2, verbose=0)
+    export_dir = str(tmp_path / "export")
+    model.export(export_dir, verbose=False)
+    probe = x[:5, :4]
+    np.save(tmp_path / "probe.npy", probe)
+    np.save(tmp_path / "expected.npy", model.predict(probe, verbose=0))
+
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tf_moe"] = None  # any import of tf_moe now fails
+        import numpy as np
+        import tensorflow as tf
+        served = tf.saved_model.load({export_dir!r})
+        probe = np.load({str(tmp_path / "probe.npy")!r})
+        out = served.serve(tf.constant(probe)).numpy()
+        np.testing.assert_allclose(out, np.load({str(tmp_path / "expected.npy")!r}),
+                                   atol=1e-5)
+        print("served", out.shape)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served (5, 4, 3)" in result.stdout
+
+
+def _clustered_task(seed=0, num=2048, width=8):
+    """Two tight clusters: the gate can send all of each to a few experts."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(2, width)) * 3
+    cluster = rng.integers(0, 2, num)
+    x = (centers[cluster] + rng.normal(size=(num, width))).astype(np.float32)
+    y = np.sin(x @ rng.normal(size=(width, width))).astype(np.float32)
+    return x, y
+
+
+@pytest.mark.parametrize("weight, low, high", [(0.0, 0.4, 10.0),
+                                              (0.1, 0.0, 0.2)])
+def test_balancing_losses_keep_load_balanced(weight, low, high):
+    """A miniature of the paper's Table 6: without the losses the gate sends
+    most tokens to a few experts (rich get richer); with them it does not."""
+    keras.utils.set_random_seed(0)
+    x, y = _clustered_task()
+    moe = tf_moe.MoE(8, 16, k=2, importance_weight=weight, load_weight=weight,
+                     seed=1)
+    model = keras.Sequential([keras.Input((8,)), moe])
+    model.compile(keras.optimizers.Adam(0.02), "mse")
+    logs = model.fit(x, y, batch_size=256, epochs=8, verbose=0).history
+    load_cv = logs[f"{moe.name}_load_cv"][-1]
+    assert low <= load_cv <= high, load_cv

@@ -1,0 +1,1 @@
+"""Trainers and examples for tf_moe (absl apps, run with `python -m`)."""

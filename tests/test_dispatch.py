@@ -44,8 +44,11 @@ def test_capacity_drops_and_counts_exactly_the_overflow():
         plan.slot_kept.numpy(),
         [[True, True], [True, True], [False, False], [True, False],
          [True, False], [False, False]])
-    np.testing.assert_array_equal(plan.buffer_token_index.numpy(),
-                                  [[0, 1], [3, 0], [4, 1]])
+    # Token-major slots: token * 2 + rank; token 0's 2nd choice is slot 1.
+    np.testing.assert_array_equal(plan.buffer_slot.numpy(),
+                                  [[0, 2], [6, 1], [8, 3]])
+    # Dropped slots point one past the last buffer row.
+    assert plan.slot_buffer_row.numpy()[2, 0] == 3 * 2
 
 
 @pytest.mark.parametrize("num_experts, k, capacity, masked", [
@@ -70,11 +73,53 @@ def test_plan_matches_slow_reference(num_experts, k, capacity, masked):
     rows = plan.slot_buffer_row.numpy()
     np.testing.assert_array_equal(
         rows[kept], (expert_ids * expected_capacity + position)[kept])
-    buffer_index = plan.buffer_token_index.numpy()
+    assert np.all(rows[~kept] == num_experts * expected_capacity)
+    buffer_slot = plan.buffer_slot.numpy()
     for expert in range(num_experts):
         tokens = filled[expert][:expected_capacity]
-        np.testing.assert_array_equal(buffer_index[expert, :len(tokens)], tokens)
-        assert np.all(buffer_index[expert, len(tokens):] == num_tokens)
+        np.testing.assert_array_equal(buffer_slot[expert, :len(tokens)] // k,
+                                      tokens)
+        assert np.all(buffer_slot[expert, len(tokens):] == num_tokens * k)
+    # The two maps are inverse on kept slots.
+    flat_rows = rows.ravel()
+    slots = np.flatnonzero(kept.ravel())
+    np.testing.assert_array_equal(buffer_slot.ravel()[flat_rows[slots]], slots)
+
+
+def test_gradients_equal_those_of_plain_gathers():
+    """The custom gradients (gathers through the inverse map) are exact."""
+    rng = np.random.default_rng(5)
+    tokens = tf.constant(rng.normal(size=(11, 4)).astype(np.float32))
+    expert_ids = np.stack([rng.permutation(6)[:3] for _ in range(11)])
+    weights = tf.constant(rng.uniform(size=(11, 3)).astype(np.float32))
+    mask = tf.constant(rng.random(11) < 0.8)
+    plan = dispatch.make_dispatch_plan(expert_ids, 6, capacity=4,
+                                       token_mask=mask)
+    scale = tf.constant(rng.normal(size=(6, 1, 4)).astype(np.float32))
+    cotangent = tf.constant(rng.normal(size=(11, 4)).astype(np.float32))
+
+    def plain(tokens, weights):
+        padded = tf.concat([tokens, tf.zeros((1, 4))], axis=0)
+        buffers = tf.gather(padded, plan.buffer_slot // 3) * scale
+        rows = tf.concat([tf.reshape(buffers, [-1, 4]), tf.zeros((1, 4))], 0)
+        slot_outputs = tf.gather(rows, plan.slot_buffer_row)
+        return tf.einsum("tk,tkd->td", weights, slot_outputs)
+
+    def fast(tokens, weights):
+        return dispatch.combine(dispatch.dispatch(tokens, plan) * scale, plan,
+                                weights)
+
+    results = []
+    for fn in (plain, fast):
+        with tf.GradientTape() as tape:
+            tape.watch([tokens, weights])
+            value = tf.reduce_sum(fn(tokens, weights) * cotangent)
+        grads = tape.gradient(value, [tokens, weights])
+        results.append([value] + [tf.convert_to_tensor(g) for g in grads])
+    for plain_value, fast_value in zip(*results):
+        np.testing.assert_allclose(fast_value.numpy(), plain_value.numpy(),
+                                   rtol=1e-6, atol=1e-6)
+    assert plan.num_dropped.numpy() > 0
 
 
 def test_dispatch_then_combine_round_trips_tokens():

@@ -19,25 +19,34 @@ import tensorflow as tf
 class DispatchPlan(NamedTuple):
     """Where every routing slot goes, for one batch.
 
+    Slots are numbered token-major: slot `token * k + rank`. Buffer rows are
+    numbered `expert * C + position`. The two index maps below are inverse
+    to each other on kept slots, which makes dispatch and combine, and both
+    of their gradients, plain gathers.
+
     Attributes:
-        buffer_token_index: `[E, C]` int32, the token that fills each buffer
-            row; unfilled rows point at index `tokens` (a zero row).
-        slot_buffer_row: `[tokens, k]` int32, the row of `[E * C]` buffers
-            that holds each slot's expert output (0 where not kept).
-        slot_kept: `[tokens, k]` bool, the slot is a real token within its
-            expert's capacity.
+        buffer_slot: `[E, C]` int32, the slot that fills each buffer row;
+            `tokens * k` (one past the last slot) for unfilled rows.
+        slot_buffer_row: `[tokens, k]` int32, the buffer row holding each
+            slot; `E * C` (one past the last row) for slots not kept
+            (masked tokens, and slots past their expert's capacity).
         expert_counts: `[E]` int32 slots routed to each expert, before the
             capacity is applied (masked tokens not counted).
         capacity: scalar int32, C.
         num_dropped: scalar int32, routed slots past the capacity.
     """
 
-    buffer_token_index: tf.Tensor
+    buffer_slot: tf.Tensor
     slot_buffer_row: tf.Tensor
-    slot_kept: tf.Tensor
     expert_counts: tf.Tensor
     capacity: tf.Tensor
     num_dropped: tf.Tensor
+
+    @property
+    def slot_kept(self):
+        """`[tokens, k]` bool: the slot is computed by its expert."""
+        num_rows = tf.size(self.buffer_slot, out_type=tf.int32)
+        return self.slot_buffer_row < num_rows
 
 
 def fixed_capacity(num_tokens, num_experts, k, capacity_factor):
@@ -92,41 +101,50 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
 
     order = tf.argsort(slot_experts, stable=True)  # sorted pos -> slot
 
-    # Buffer side: row (e, c) takes the c-th sorted slot of expert e.
-    row_in_expert = tf.range(capacity)
-    sorted_pos = starts[:num_experts, None] + row_in_expert[None, :]
-    row_filled = row_in_expert[None, :] < expert_counts[:, None]
-    # The trailing entry is the zero row for unfilled buffer rows (and the
-    # only entry when the batch is empty, so the gather stays in range).
-    token_of_sorted = tf.concat(
-        [order % tf.maximum(num_tokens, 1), num_tokens[None]], axis=0)
-    buffer_token_index = tf.gather(
-        token_of_sorted,
-        tf.where(row_filled, sorted_pos, num_slots))
-
     # Slot side: each slot's position within its expert's buffer.
     sorted_experts = tf.gather(slot_experts, order)
     position_sorted = tf.range(num_slots) - tf.gather(starts, sorted_experts)
     position = tf.gather(position_sorted, tf.math.invert_permutation(order))
     slot_kept = (slot_experts < num_experts) & (position < capacity)
-    slot_row = tf.where(slot_kept, slot_experts * capacity + position, 0)
+    slot_row = tf.where(slot_kept, slot_experts * capacity + position,
+                        num_experts * capacity)
+    slot_buffer_row = tf.transpose(tf.reshape(slot_row, [k, num_tokens]))
 
-    def to_token_major(slot_values):
-        return tf.transpose(tf.reshape(slot_values, [k, num_tokens]))
+    # Buffer side: row (e, c) takes the c-th sorted slot of expert e,
+    # renumbered from rank-major to token-major.
+    row_in_expert = tf.range(capacity)
+    sorted_pos = starts[:num_experts, None] + row_in_expert[None, :]
+    row_filled = row_in_expert[None, :] < expert_counts[:, None]
+    rank_major_slot = tf.gather(
+        tf.concat([order, [num_slots]], axis=0),
+        tf.where(row_filled, sorted_pos, num_slots))
+    safe_tokens = tf.maximum(num_tokens, 1)
+    buffer_slot = tf.where(
+        row_filled,
+        (rank_major_slot % safe_tokens) * k + rank_major_slot // safe_tokens,
+        num_slots)
 
     num_dropped = tf.reduce_sum(tf.maximum(expert_counts - capacity, 0))
     return DispatchPlan(
-        buffer_token_index=buffer_token_index,
-        slot_buffer_row=to_token_major(slot_row),
-        slot_kept=to_token_major(slot_kept),
+        buffer_slot=buffer_slot,
+        slot_buffer_row=slot_buffer_row,
         expert_counts=expert_counts,
         capacity=capacity,
         num_dropped=num_dropped,
     )
 
 
+def _gather_padded(values, indices):
+    """`values[indices]` for `[n, d]` values, with index n giving zeros."""
+    zero_row = tf.zeros([1, values.shape[-1]], values.dtype)
+    return tf.gather(tf.concat([values, zero_row], axis=0), indices)
+
+
 def dispatch(tokens, plan):
     """Gathers tokens into per-expert buffers.
+
+    The gradient sums each token's k buffer rows with one gather through
+    `slot_buffer_row` (rather than TensorFlow's default scatter-add).
 
     Args:
         tokens: `[tokens, d]`.
@@ -135,9 +153,20 @@ def dispatch(tokens, plan):
     Returns:
         `[E, C, d]`; unfilled rows are zero.
     """
-    zero_row = tf.zeros([1, tokens.shape[-1]], tokens.dtype)
-    return tf.gather(tf.concat([tokens, zero_row], axis=0),
-                     plan.buffer_token_index)
+    k = plan.slot_buffer_row.shape[-1]
+
+    @tf.custom_gradient
+    def gather_into_buffers(tokens):
+        buffers = _gather_padded(tokens, plan.buffer_slot // k)
+
+        def grad(d_buffers):
+            d_rows = tf.reshape(d_buffers, [-1, tokens.shape[-1]])
+            return tf.reduce_sum(
+                _gather_padded(d_rows, plan.slot_buffer_row), axis=1)
+
+        return buffers, grad
+
+    return gather_into_buffers(tokens)
 
 
 def combine(expert_outputs, plan, gate_weights):
@@ -146,14 +175,25 @@ def combine(expert_outputs, plan, gate_weights):
     Args:
         expert_outputs: `[E, C, d_out]`.
         plan: the `DispatchPlan` the buffers were made with.
-        gate_weights: `[tokens, k]`; dropped and masked slots count as 0.
+        gate_weights: `[tokens, k]`; slots not kept contribute nothing.
 
     Returns:
         `[tokens, d_out]`, zero for masked tokens.
     """
     d_out = expert_outputs.shape[-1]
-    rows = tf.reshape(expert_outputs, [-1, d_out])
-    slot_outputs = tf.gather(rows, plan.slot_buffer_row)  # [tokens, k, d_out]
-    weights = tf.where(plan.slot_kept, gate_weights,
-                       tf.zeros_like(gate_weights))
-    return tf.einsum("tk,tkd->td", tf.cast(weights, rows.dtype), slot_outputs)
+
+    @tf.custom_gradient
+    def gather_from_buffers(rows):
+        slot_outputs = _gather_padded(rows, plan.slot_buffer_row)
+
+        def grad(d_slot_outputs):
+            d_slots = tf.reshape(d_slot_outputs, [-1, d_out])
+            return _gather_padded(d_slots, plan.buffer_slot)
+
+        return slot_outputs, grad
+
+    slot_outputs = gather_from_buffers(tf.reshape(expert_outputs, [-1, d_out]))
+    # Multiply and sum rather than einsum, which becomes a batched matmul
+    # of `tokens` tiny [1, k] x [k, d] products (several times slower here).
+    weights = tf.cast(gate_weights, slot_outputs.dtype)[:, :, None]
+    return tf.reduce_sum(slot_outputs * weights, axis=1)

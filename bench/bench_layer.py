@@ -1,0 +1,177 @@
+"""Layer benchmark: MoE step time against the equal-FLOP dense FFN.
+
+    python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
+
+Times one forward+backward step (gradients of every weight, balancing
+losses included) of `tf_moe.MoE` in training mode at initialisation (zero
+gate: noisy, balanced routing, dropless) and of a dense two-layer FFN with
+the same active FLOPs per token (hidden width k * hidden_size). Each
+configuration runs in its own process, so its peak resident memory is its
+own; all are measured in one run of this script, and the ratios in the
+table compare numbers from that run. Prints a markdown table and writes
+JSON (bench/results/layer.json by default). Asserts nothing about time.
+"""
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", default="16,64,256,1024",
+                        help="Comma-separated expert counts.")
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--model_dim", type=int, default=512)
+    parser.add_argument("--hidden_size", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5,
+                        help="Timed steps per configuration (median taken).")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--output",
+                        default=os.path.join(_HERE, "results", "layer.json"))
+    parser.add_argument(
+        "--malloc", default="tcmalloc", choices=["tcmalloc", "system"],
+        help="Allocator of the worker processes. TensorFlow on CPU allocates "
+             "and frees large tensors every step; glibc's malloc maps and "
+             "unmaps them each time, and the page faults that follow cost "
+             "more than the gathers themselves. tcmalloc (Debian package "
+             "libtcmalloc-minimal4) keeps them; both layers run under the "
+             "same one.")
+    parser.add_argument("--worker", default=None,
+                        help=argparse.SUPPRESS)  # "dense" or "moe:E"
+    return parser.parse_args(argv)
+
+
+def _run_worker(args):
+    """Times one configuration in this process; prints one JSON line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_moe
+
+    keras.utils.set_random_seed(0)
+    kind, _, experts = args.worker.partition(":")
+    inputs = tf.random.normal((args.tokens, args.model_dim))
+    if kind == "dense":
+        layer = keras.Sequential([
+            keras.layers.Dense(args.k * args.hidden_size, activation="relu"),
+            keras.layers.Dense(args.model_dim),
+        ])
+    else:
+        layer = tf_moe.MoE(int(experts), args.hidden_size, k=args.k, seed=0)
+    layer(inputs[:8], training=True)
+    variables = layer.trainable_variables
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            outputs = layer(x, training=True)
+            loss = tf.reduce_mean(tf.square(outputs)) + tf.add_n(
+                [tf.constant(0.0)] + layer.losses)
+        grads = tape.gradient(loss, variables)
+        # Reduce every gradient so none of the work can be pruned away.
+        return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
+
+    for _ in range(args.warmup):
+        step(inputs)[1].numpy()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(inputs)[1].numpy()
+        times.append(time.perf_counter() - start)
+
+    result = {
+        "layer": kind,
+        "num_experts": int(experts) if experts else None,
+        "step_seconds": float(np.median(times)),
+        "step_seconds_all": times,
+        "parameters": int(sum(np.prod(v.shape) for v in variables)),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+    if kind == "moe":
+        counts = layer.expert_token_counts.numpy()
+        result["max_over_mean_load"] = float(counts.max() / counts.mean())
+    print("RESULT " + json.dumps(result))
+
+
+_TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def _worker_env(malloc):
+    env = dict(os.environ)
+    if malloc == "tcmalloc":
+        if not os.path.exists(_TCMALLOC):
+            raise SystemExit(f"--malloc=tcmalloc needs {_TCMALLOC} "
+                             "(apt-get install libtcmalloc-minimal4), "
+                             "or pass --malloc=system")
+        env["LD_PRELOAD"] = _TCMALLOC
+    return env
+
+
+def _measure(args, worker):
+    command = [sys.executable, os.path.abspath(__file__), f"--worker={worker}"]
+    for name in ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup"):
+        command.append(f"--{name}={getattr(args, name)}")
+    completed = subprocess.run(command, capture_output=True, text=True,
+                               check=False, env=_worker_env(args.malloc))
+    for line in completed.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker {worker} failed:\n"
+                       f"{completed.stderr[-4000:]}")
+
+
+def main(argv=None):
+    args = _parse_args(argv)
+    if args.worker:
+        _run_worker(args)
+        return
+    experts = [int(e) for e in args.experts.split(",")]
+    print(f"tokens={args.tokens} d={args.model_dim} "
+          f"hidden_size={args.hidden_size} k={args.k} "
+          f"(dense FFN hidden={args.k * args.hidden_size}); "
+          f"malloc={args.malloc}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up",
+          flush=True)
+    dense = _measure(args, "dense")
+    print(f"dense: {dense['step_seconds']:.3f} s/step", flush=True)
+    rows = []
+    for num_experts in experts:
+        moe = _measure(args, f"moe:{num_experts}")
+        moe["ratio_to_dense"] = moe["step_seconds"] / dense["step_seconds"]
+        print(f"E={num_experts}: {moe['step_seconds']:.3f} s/step "
+              f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+        rows.append(moe)
+
+    print()
+    print("| layer | experts | step (s) | / dense | parameters | "
+          "peak RSS (MB) | max/mean load |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| dense FFN ({args.k * args.hidden_size}) | - | "
+          f"{dense['step_seconds']:.3f} | 1.00 | {dense['parameters']:,} | "
+          f"{dense['peak_rss_mb']:,.0f} | - |")
+    for row in rows:
+        print(f"| MoE k={args.k} | {row['num_experts']} | "
+              f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
+              f"{row['parameters']:,} | {row['peak_rss_mb']:,.0f} | "
+              f"{row['max_over_mean_load']:.2f} |")
+
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump({"config": {k: v for k, v in vars(args).items()
+                              if k != "worker"},
+                   "dense": dense, "moe": rows}, f, indent=2)
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

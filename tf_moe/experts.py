@@ -20,6 +20,34 @@ def per_expert_initializer(initializer, num_experts):
     return initializer
 
 
+# Below this many rows per expert, TensorFlow's CPU kernel for a batched
+# matmul with a transposed right operand is slow: for [E, C, 1024] x
+# [E, 512, 1024]^T on 2 cores, 3.1 s at C=32 and 0.82 s at C=128, against
+# 0.78 s and 0.42 s for computing the transposed product W @ dy^T instead
+# (0.40 s against 0.53 s at C=512, where the plain kernel wins).
+_MIN_ROWS_FOR_TRANSPOSED_RHS = 256
+
+
+@tf.custom_gradient
+def batched_matmul(x, w):
+    """`x @ w` for `x: [E, C, a]`, `w: [E, a, b]`, giving `[E, C, b]`.
+
+    The gradients are the usual ones, computed in the faster of two
+    equivalent orders for the input gradient (see above).
+    """
+
+    def grad(dy):
+        dx = tf.cond(
+            tf.shape(x)[1] >= _MIN_ROWS_FOR_TRANSPOSED_RHS,
+            lambda: tf.matmul(dy, w, transpose_b=True),
+            lambda: tf.transpose(
+                tf.matmul(w, tf.transpose(dy, [0, 2, 1])), [0, 2, 1]))
+        dw = tf.matmul(x, dy, transpose_a=True)
+        return dx, dw
+
+    return tf.matmul(x, w), grad
+
+
 @keras.saving.register_keras_serializable(package="tf_moe")
 class Experts(keras.layers.Layer):
     """E two-layer feed-forward experts, run as one batched matmul over E.
@@ -71,11 +99,13 @@ class Experts(keras.layers.Layer):
             initializer=self.bias_initializer)
 
     def call(self, buffers, training=None):
-        hidden = tf.matmul(buffers, self.kernel_in) + self.bias_in[:, None, :]
+        hidden = (batched_matmul(buffers, tf.convert_to_tensor(self.kernel_in))
+                  + self.bias_in[:, None, :])
         hidden = self.activation(hidden)
         if self.dropout_rate > 0:
             hidden = self.dropout(hidden, training=training)
-        return tf.matmul(hidden, self.kernel_out) + self.bias_out[:, None, :]
+        return (batched_matmul(hidden, tf.convert_to_tensor(self.kernel_out))
+                + self.bias_out[:, None, :])
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_size,)

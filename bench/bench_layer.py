@@ -2,8 +2,8 @@
 
     python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
 
-Times one forward+backward step (gradients of every weight, balancing
-losses included) of `tf_moe.MoE` in training mode at initialisation (zero
+Times one forward+backward step (gradients of the input and of every
+weight, balancing losses included) of `tf_moe.MoE` in training mode at initialisation (zero
 gate: noisy, balanced routing, dropless) and of a dense two-layer FFN with
 the same active FLOPs per token (hidden width k * hidden_size). Each
 configuration runs in its own process, so its peak resident memory is its
@@ -44,6 +44,11 @@ def _parse_args(argv=None):
              "more than the gathers themselves. tcmalloc (Debian package "
              "libtcmalloc-minimal4) keeps them; both layers run under the "
              "same one.")
+    parser.add_argument(
+        "--partition_baseline", default=True,
+        action=argparse.BooleanOptionalAction,
+        help="Also time the per-expert dynamic_partition dispatcher "
+             "(bench/partition_baseline.py) at every E.")
     parser.add_argument("--worker", default=None,
                         help=argparse.SUPPRESS)  # "dense" or "moe:E"
     return parser.parse_args(argv)
@@ -66,6 +71,9 @@ def _run_worker(args):
             keras.layers.Dense(args.k * args.hidden_size, activation="relu"),
             keras.layers.Dense(args.model_dim),
         ])
+    elif kind == "partition":
+        from partition_baseline import PartitionedMoE
+        layer = PartitionedMoE(int(experts), args.hidden_size, args.k, seed=0)
     else:
         layer = tf_moe.MoE(int(experts), args.hidden_size, k=args.k, seed=0)
     layer(inputs[:8], training=True)
@@ -74,10 +82,12 @@ def _run_worker(args):
     @tf.function
     def step(x):
         with tf.GradientTape() as tape:
+            # The input gradient too, as for a layer inside a model.
+            tape.watch(x)
             outputs = layer(x, training=True)
             loss = tf.reduce_mean(tf.square(outputs)) + tf.add_n(
                 [tf.constant(0.0)] + layer.losses)
-        grads = tape.gradient(loss, variables)
+        grads = tape.gradient(loss, [x] + variables)
         # Reduce every gradient so none of the work can be pruned away.
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
@@ -98,6 +108,7 @@ def _run_worker(args):
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if kind == "moe":
+        layer(inputs, training=True)  # counts of one step, for the table
         counts = layer.expert_token_counts.numpy()
         result["max_over_mean_load"] = float(counts.max() / counts.mean())
     print("RESULT " + json.dumps(result))
@@ -150,20 +161,34 @@ def main(argv=None):
         moe["ratio_to_dense"] = moe["step_seconds"] / dense["step_seconds"]
         print(f"E={num_experts}: {moe['step_seconds']:.3f} s/step "
               f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+        if args.partition_baseline:
+            partition = _measure(args, f"partition:{num_experts}")
+            moe["partition_step_seconds"] = partition["step_seconds"]
+            moe["partition_ratio_to_dense"] = (partition["step_seconds"]
+                                               / dense["step_seconds"])
+            print(f"E={num_experts} dynamic_partition baseline: "
+                  f"{partition['step_seconds']:.3f} s/step "
+                  f"({moe['partition_ratio_to_dense']:.2f}x dense)",
+                  flush=True)
         rows.append(moe)
 
     print()
-    print("| layer | experts | step (s) | / dense | parameters | "
-          "peak RSS (MB) | max/mean load |")
-    print("|---|---|---|---|---|---|---|")
+    def partition_cell(row):
+        if "partition_ratio_to_dense" not in row:
+            return "-"
+        return f"{row['partition_ratio_to_dense']:.2f}"
+
+    print("| layer | experts | step (s) | / dense | dynamic_partition / dense "
+          "| parameters | peak RSS (MB) | max/mean load |")
+    print("|---|---|---|---|---|---|---|---|")
     print(f"| dense FFN ({args.k * args.hidden_size}) | - | "
-          f"{dense['step_seconds']:.3f} | 1.00 | {dense['parameters']:,} | "
+          f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
           f"{dense['peak_rss_mb']:,.0f} | - |")
     for row in rows:
-        print(f"| MoE k={args.k} | {row['num_experts']} | "
+        print(f"| tf_moe.MoE k={args.k} | {row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
-              f"{row['parameters']:,} | {row['peak_rss_mb']:,.0f} | "
-              f"{row['max_over_mean_load']:.2f} |")
+              f"{partition_cell(row)} | {row['parameters']:,} | "
+              f"{row['peak_rss_mb']:,.0f} | {row['max_over_mean_load']:.2f} |")
 
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

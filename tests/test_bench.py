@@ -1,0 +1,25 @@
+"""The layer benchmark runs end to end at toy size (timings not checked)."""
+
+import json
+import os
+import subprocess
+import sys
+
+_BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_layer.py")
+
+
+def test_layer_benchmark_writes_table_and_json(tmp_path):
+    output = tmp_path / "layer.json"
+    result = subprocess.run(
+        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
+         "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
+         "--malloc=system", f"--output={output}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| tf_moe.MoE k=2 | 4 |" in result.stdout
+    report = json.loads(output.read_text())
+    (row,) = report["moe"]
+    assert row["num_experts"] == 4 and row["step_seconds"] > 0
+    assert row["partition_step_seconds"] > 0
+    # E * (d*h + h + h*d + d) + gate (2 * d * E).
+    assert row["parameters"] == 4 * (8 * 4 + 4 + 4 * 8 + 8) + 2 * 8 * 4

@@ -46,44 +46,99 @@ def test_capacity_drops_and_counts_exactly_the_overflow():
          [True, False], [False, False]])
     # Token-major slots: token * 2 + rank; token 0's 2nd choice is slot 1.
     np.testing.assert_array_equal(plan.buffer_slot.numpy(),
-                                  [[0, 2], [6, 1], [8, 3]])
+                                  [0, 2, 6, 1, 8, 3])
     # Dropped slots point one past the last buffer row.
     assert plan.slot_buffer_row.numpy()[2, 0] == 3 * 2
+    assert plan.overflow_experts.shape == (0,)
 
 
-@pytest.mark.parametrize("num_experts, k, capacity, masked", [
-    (4, 2, None, False), (4, 2, None, True), (8, 3, 2, True),
-    (5, 5, 3, False), (1, 1, None, True), (16, 4, 1, False),
+def test_dropless_split_puts_a_skewed_expert_in_the_overflow_group():
+    # Expert 0 gets 10 slots, the others 1: padding all to 10 would be 40
+    # rows; C = 1 plus 9 overflow rows for expert 0 is 13.
+    expert_ids = np.array([[0]] * 10 + [[1], [2], [3]])
+    plan = dispatch.make_dispatch_plan(expert_ids, 4, overflow_expert_cost=0)
+    assert plan.capacity.numpy() == 1
+    np.testing.assert_array_equal(plan.overflow_experts.numpy(), [0])
+    assert plan.overflow_capacity.numpy() == 9
+    assert plan.buffer_slot.shape == (13,)
+    assert plan.num_dropped.numpy() == 0
+    # A high gather cost keeps everything in one padded group.
+    padded = dispatch.make_dispatch_plan(expert_ids, 4,
+                                         overflow_expert_cost=100)
+    assert padded.capacity.numpy() == 10
+    assert padded.overflow_experts.shape == (0,)
+
+
+def test_split_capacity_minimises_rows_plus_gather_cost():
+    counts = tf.constant([5, 9, 5, 6, 12, 5])
+    for cost in (0, 3, 50):
+        capacity, overflow = dispatch.split_capacity(counts, cost)
+        largest = 12
+
+        def total(c):
+            over = sum(1 for n in counts.numpy() if n > c)
+            return 6 * c + over * (largest - c + cost)
+
+        best = min(total(c) for c in range(largest + 1))
+        assert total(int(capacity)) == best
+        assert int(capacity) + int(overflow) == largest
+
+
+@pytest.mark.parametrize("num_experts, k, capacity, masked, cost", [
+    (4, 2, None, False, 16), (4, 2, None, True, 0), (8, 3, 2, True, 0),
+    (5, 5, 3, False, 0), (1, 1, None, True, 0), (16, 4, 1, False, 0),
+    (16, 2, None, False, 0), (16, 2, None, True, 2),
 ])
-def test_plan_matches_slow_reference(num_experts, k, capacity, masked):
+def test_plan_matches_slow_reference(num_experts, k, capacity, masked, cost):
     rng = np.random.default_rng(num_experts * 10 + k)
     num_tokens = 23
-    expert_ids = np.stack([rng.permutation(num_experts)[:k]
+    # Skewed routing (expert e drawn with weight 1/(e+1)) so that dropless
+    # plans have overflow groups.
+    p = 1.0 / np.arange(1, num_experts + 1)
+    expert_ids = np.stack([rng.choice(num_experts, k, replace=False, p=p / p.sum())
                            for _ in range(num_tokens)])
     token_mask = rng.random(num_tokens) < 0.7 if masked else None
     plan = dispatch.make_dispatch_plan(
         expert_ids, num_experts, capacity,
-        None if token_mask is None else tf.constant(token_mask))
+        None if token_mask is None else tf.constant(token_mask),
+        overflow_expert_cost=cost)
     filled, kept, position, dropped = _slow_plan(expert_ids, num_experts,
                                                  capacity, token_mask)
-    expected_capacity = capacity or max(1, max(len(f) for f in filled))
-    assert plan.capacity.numpy() == expected_capacity
     assert plan.num_dropped.numpy() == dropped
     np.testing.assert_array_equal(plan.slot_kept.numpy(), kept)
-    rows = plan.slot_buffer_row.numpy()
-    np.testing.assert_array_equal(
-        rows[kept], (expert_ids * expected_capacity + position)[kept])
-    assert np.all(rows[~kept] == num_experts * expected_capacity)
+    main_capacity = int(plan.capacity)
+    overflow_capacity = int(plan.overflow_capacity)
+    overflow_experts = list(plan.overflow_experts.numpy())
+    if capacity is not None:
+        assert main_capacity == capacity and not overflow_experts
+    else:
+        assert main_capacity + overflow_capacity == max(len(f) for f in filled)
+    num_rows = (num_experts * main_capacity
+                + len(overflow_experts) * overflow_capacity)
     buffer_slot = plan.buffer_slot.numpy()
+    assert buffer_slot.shape == (num_rows,)
+
+    # Every row holds the right slot: main rows the first C of each expert,
+    # overflow rows the next C2 of each overflow expert.
+    def expected_rows(expert, first, size):
+        tokens = filled[expert][first:first + size]
+        ranks = [int(np.flatnonzero(expert_ids[t] == expert)[0]) for t in tokens]
+        slots = [t * k + r for t, r in zip(tokens, ranks)]
+        return slots + [num_tokens * k] * (size - len(slots))
+
+    expected = []
     for expert in range(num_experts):
-        tokens = filled[expert][:expected_capacity]
-        np.testing.assert_array_equal(buffer_slot[expert, :len(tokens)] // k,
-                                      tokens)
-        assert np.all(buffer_slot[expert, len(tokens):] == num_tokens * k)
-    # The two maps are inverse on kept slots.
-    flat_rows = rows.ravel()
+        expected += expected_rows(expert, 0, main_capacity)
+    for expert in overflow_experts:
+        assert len(filled[expert]) > main_capacity
+        expected += expected_rows(expert, main_capacity, overflow_capacity)
+    np.testing.assert_array_equal(buffer_slot, expected)
+
+    # The two maps are inverse on kept slots; the rest point past the end.
+    rows = plan.slot_buffer_row.numpy()
+    assert np.all(rows[~kept] == num_rows)
     slots = np.flatnonzero(kept.ravel())
-    np.testing.assert_array_equal(buffer_slot.ravel()[flat_rows[slots]], slots)
+    np.testing.assert_array_equal(buffer_slot[rows.ravel()[slots]], slots)
 
 
 def test_gradients_equal_those_of_plain_gathers():
@@ -100,14 +155,15 @@ def test_gradients_equal_those_of_plain_gathers():
 
     def plain(tokens, weights):
         padded = tf.concat([tokens, tf.zeros((1, 4))], axis=0)
-        buffers = tf.gather(padded, plan.buffer_slot // 3) * scale
+        buffers = tf.reshape(tf.gather(padded, plan.buffer_slot // 3),
+                             [6, -1, 4]) * scale
         rows = tf.concat([tf.reshape(buffers, [-1, 4]), tf.zeros((1, 4))], 0)
         slot_outputs = tf.gather(rows, plan.slot_buffer_row)
         return tf.einsum("tk,tkd->td", weights, slot_outputs)
 
     def fast(tokens, weights):
-        return dispatch.combine(dispatch.dispatch(tokens, plan) * scale, plan,
-                                weights)
+        main, overflow = dispatch.dispatch(tokens, plan)
+        return dispatch.combine((main * scale, overflow), plan, weights)
 
     results = []
     for fn in (plain, fast):
@@ -127,7 +183,7 @@ def test_dispatch_then_combine_round_trips_tokens():
     tokens = rng.normal(size=(10, 4)).astype(np.float32)
     expert_ids = np.stack([rng.permutation(5)[:2] for _ in range(10)])
     gate_weights = rng.uniform(size=(10, 2)).astype(np.float32)
-    plan = dispatch.make_dispatch_plan(expert_ids, 5)
+    plan = dispatch.make_dispatch_plan(expert_ids, 5, overflow_expert_cost=0)
     buffers = dispatch.dispatch(tokens, plan)
     # Identity experts: every token comes back scaled by its summed gates.
     combined = dispatch.combine(buffers, plan, gate_weights)
@@ -135,15 +191,16 @@ def test_dispatch_then_combine_round_trips_tokens():
                                tokens * gate_weights.sum(1, keepdims=True),
                                rtol=1e-6)
     # Unfilled buffer rows are zeros.
-    filled = np.arange(plan.capacity.numpy())[None] < plan.expert_counts.numpy()[:, None]
-    assert np.all(buffers.numpy()[~filled] == 0.0)
+    rows = np.concatenate([b.numpy().reshape(-1, 4) for b in buffers])
+    unfilled = plan.buffer_slot.numpy() == 20
+    assert unfilled.any() and np.all(rows[unfilled] == 0.0)
 
 
 def test_empty_batch():
     plan = dispatch.make_dispatch_plan(np.zeros((0, 2), np.int32), 4)
-    buffers = dispatch.dispatch(tf.zeros((0, 3)), plan)
-    combined = dispatch.combine(buffers, plan, tf.zeros((0, 2)))
-    assert buffers.shape == (4, 1, 3)
+    main, overflow = dispatch.dispatch(tf.zeros((0, 3)), plan)
+    combined = dispatch.combine((main, overflow), plan, tf.zeros((0, 2)))
+    assert main.shape == (4, 0, 3) and overflow.shape == (0, 0, 3)
     assert combined.shape == (0, 3)
     assert plan.num_dropped.numpy() == 0
 

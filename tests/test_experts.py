@@ -9,17 +9,27 @@ from tf_moe import experts as experts_lib
 
 
 @pytest.mark.parametrize("rows", [3, experts_lib._MIN_ROWS_FOR_TRANSPOSED_RHS + 5])
-def test_batched_matmul_gradients_match_autodiff(rows):
+def test_grouped_matmul_gradients_match_autodiff(rows):
     rng = np.random.default_rng(rows)
-    x = tf.constant(rng.normal(size=(3, rows, 5)).astype(np.float32))
-    w = tf.constant(rng.normal(size=(3, 5, 4)).astype(np.float32))
-    cotangent = tf.constant(rng.normal(size=(3, rows, 4)).astype(np.float32))
+    main = tf.constant(rng.normal(size=(4, rows, 5)).astype(np.float32))
+    overflow = tf.constant(rng.normal(size=(2, 7, 5)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(4, 5, 3)).astype(np.float32))
+    overflow_experts = tf.constant([3, 1])
+    cotangents = [tf.constant(rng.normal(size=shape).astype(np.float32))
+                  for shape in [(4, rows, 3), (2, 7, 3)]]
+
+    def plain(main, overflow, w, overflow_experts):
+        return (tf.matmul(main, w),
+                tf.matmul(overflow, tf.gather(w, overflow_experts)))
+
     results = []
-    for matmul in (tf.matmul, experts_lib.batched_matmul):
+    for matmul in (plain, experts_lib.grouped_matmul):
         with tf.GradientTape() as tape:
-            tape.watch([x, w])
-            value = tf.reduce_sum(matmul(x, w) * cotangent)
-        results.append([value] + tape.gradient(value, [x, w]))
+            tape.watch([main, overflow, w])
+            outputs = matmul(main, overflow, w, overflow_experts)
+            value = sum(tf.reduce_sum(y * c) for y, c in zip(outputs, cotangents))
+        grads = tape.gradient(value, [main, overflow, w])
+        results.append([value] + [tf.convert_to_tensor(g) for g in grads])
     for expected, actual in zip(*results):
         np.testing.assert_allclose(actual.numpy(), expected.numpy(),
                                    rtol=1e-5, atol=1e-4)
@@ -29,12 +39,21 @@ def test_experts_compute_each_expert_on_its_own_rows():
     layer = experts_lib.Experts(3, 6, 2, activation="relu",
                                 bias_initializer="random_normal")
     buffers = tf.random.normal((3, 4, 5))
-    outputs = layer(buffers).numpy()
-    for e in range(3):
-        hidden = np.maximum(buffers[e].numpy() @ layer.kernel_in[e].numpy()
+    overflow = tf.random.normal((1, 2, 5))
+
+    def expert(e, rows):
+        hidden = np.maximum(rows @ layer.kernel_in[e].numpy()
                             + layer.bias_in[e].numpy(), 0)
-        expected = hidden @ layer.kernel_out[e].numpy() + layer.bias_out[e].numpy()
+        return hidden @ layer.kernel_out[e].numpy() + layer.bias_out[e].numpy()
+
+    outputs = layer(buffers).numpy()
+    main, more = layer(buffers, overflow, tf.constant([2]))
+    for e in range(3):
+        expected = expert(e, buffers[e].numpy())
         np.testing.assert_allclose(outputs[e], expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(main[e], expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(more[0], expert(2, overflow[0].numpy()),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_each_expert_is_initialised_at_its_own_scale():

@@ -32,9 +32,22 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("num_experts, k, shape, masked, capacity_factor", CASES)
+# Dropless cases again with free overflow experts, so that the plans split
+# into a main and an overflow group.
+CASES_WITH_COST = ([case + (None,) for case in CASES]
+                   + [case + (0,) for case in CASES
+                      if case[4] is None and case[0] > 1])
+
+
+@pytest.mark.parametrize(
+    "num_experts, k, shape, masked, capacity_factor, overflow_expert_cost",
+    CASES_WITH_COST)
 def test_matches_dense_reference_outputs_and_gradients(
-        num_experts, k, shape, masked, capacity_factor):
+        num_experts, k, shape, masked, capacity_factor, overflow_expert_cost,
+        monkeypatch):
+    if overflow_expert_cost is not None:
+        monkeypatch.setattr(tf_moe.dispatch, "OVERFLOW_EXPERT_COST",
+                            overflow_expert_cost)
     rng = np.random.default_rng(num_experts + k)
     inputs = tf.constant(rng.normal(size=shape).astype(np.float32))
     mask = rng.random(shape[:-1]) < 0.7 if masked else None
@@ -58,6 +71,13 @@ def test_matches_dense_reference_outputs_and_gradients(
                          for s, g in zip(sources, grads)]
 
     mask_tensor = None if mask is None else tf.constant(mask)
+    if overflow_expert_cost == 0:
+        tokens = tf.reshape(inputs, [-1, shape[-1]])
+        token_mask = None if mask is None else tf.reshape(mask_tensor, [-1])
+        plan = tf_moe.make_dispatch_plan(
+            layer.gate(tokens, token_mask=token_mask).expert_ids, num_experts,
+            token_mask=token_mask)
+        assert plan.overflow_experts.shape[0] > 0
     fast, fast_grads = objective(lambda: layer(inputs, mask=mask_tensor))
     slow, slow_grads = objective(
         lambda: dense_moe(layer, inputs, mask, capacity))

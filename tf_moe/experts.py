@@ -28,40 +28,65 @@ def per_expert_initializer(initializer, num_experts):
 _MIN_ROWS_FOR_TRANSPOSED_RHS = 256
 
 
-@tf.custom_gradient
-def batched_matmul(x, w):
-    """`x @ w` for `x: [E, C, a]`, `w: [E, a, b]`, giving `[E, C, b]`.
+def _input_gradient(dy, w):
+    """`dy @ w^T` for `dy: [n, C, b]`, `w: [n, a, b]`: `[n, C, a]`."""
+    return tf.cond(
+        tf.shape(dy)[1] >= _MIN_ROWS_FOR_TRANSPOSED_RHS,
+        lambda: tf.matmul(dy, w, transpose_b=True),
+        lambda: tf.transpose(
+            tf.matmul(w, tf.transpose(dy, [0, 2, 1])), [0, 2, 1]))
 
-    The gradients are the usual ones, computed in the faster of two
-    equivalent orders for the input gradient (see above).
+
+def grouped_matmul(main, overflow, w, overflow_experts):
+    """Batched matmuls of the two buffer groups with the expert weights.
+
+    Args:
+        main: `[E, C, a]`, rows of every expert.
+        overflow: `[E2, C2, a]`, more rows of the experts `overflow_experts`.
+        w: `[E, a, b]` expert weights.
+        overflow_experts: `[E2]` int32.
+
+    Returns:
+        `(main @ w, overflow @ w[overflow_experts])`: `[E, C, b]`,
+        `[E2, C2, b]`. The weight gradient adds the overflow part into the
+        main part in place (one `[E, a, b]` tensor, no dense conversion of
+        a gather's sparse gradient).
     """
 
-    def grad(dy):
-        dx = tf.cond(
-            tf.shape(x)[1] >= _MIN_ROWS_FOR_TRANSPOSED_RHS,
-            lambda: tf.matmul(dy, w, transpose_b=True),
-            lambda: tf.transpose(
-                tf.matmul(w, tf.transpose(dy, [0, 2, 1])), [0, 2, 1]))
-        dw = tf.matmul(x, dy, transpose_a=True)
-        return dx, dw
+    @tf.custom_gradient
+    def matmul(main, overflow, w):
+        w_overflow = tf.gather(w, overflow_experts)
 
-    return tf.matmul(x, w), grad
+        def grad(d_main, d_overflow):
+            dw = tf.tensor_scatter_nd_add(
+                tf.matmul(main, d_main, transpose_a=True),
+                overflow_experts[:, None],
+                tf.matmul(overflow, d_overflow, transpose_a=True))
+            return (_input_gradient(d_main, w),
+                    _input_gradient(d_overflow, w_overflow), dw)
+
+        return (tf.matmul(main, w), tf.matmul(overflow, w_overflow)), grad
+
+    return matmul(main, overflow, w)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class Experts(keras.layers.Layer):
-    """E two-layer feed-forward experts, run as one batched matmul over E.
+    """E two-layer feed-forward experts, run as batched matmuls over E.
 
     `expert_e(x) = activation(x W_in[e] + b_in[e]) W_out[e] + b_out[e]`,
     with `W_in: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d_out]`,
     `b_out: [E, d_out]`.
 
     Call arguments:
-        buffers: `[E, C, d]`, row c of expert e is one token for expert e.
+        main: `[E, C, d]`, row c of expert e is one token for expert e.
+        overflow: optional `[E2, C2, d]`, more rows for some experts.
+        overflow_experts: `[E2]` int32, the expert of each overflow block.
         training: enables dropout on the hidden activations.
 
     Returns:
-        `[E, C, d_out]`.
+        `[E, C, d_out]` for `main` alone; with `overflow`, the pair
+        `([E, C, d_out], [E2, C2, d_out])`.
     """
 
     def __init__(self, num_experts, hidden_size, output_size,
@@ -98,14 +123,25 @@ class Experts(keras.layers.Layer):
             name="bias_out", shape=(self.num_experts, self.output_size),
             initializer=self.bias_initializer)
 
-    def call(self, buffers, training=None):
-        hidden = (batched_matmul(buffers, tf.convert_to_tensor(self.kernel_in))
-                  + self.bias_in[:, None, :])
-        hidden = self.activation(hidden)
+    def call(self, main, overflow=None, overflow_experts=None,
+             training=None):
+        single_group = overflow is None
+        if single_group:
+            overflow = tf.zeros([0, 0, main.shape[-1]], main.dtype)
+            overflow_experts = tf.zeros([0], tf.int32)
+
+        def layer(inputs, kernel, bias):
+            outputs = grouped_matmul(*inputs, tf.convert_to_tensor(kernel),
+                                     overflow_experts)
+            biases = (bias, tf.gather(bias, overflow_experts))
+            return [y + b[:, None, :] for y, b in zip(outputs, biases)]
+
+        hidden = layer((main, overflow), self.kernel_in, self.bias_in)
+        hidden = [self.activation(h) for h in hidden]
         if self.dropout_rate > 0:
-            hidden = self.dropout(hidden, training=training)
-        return (batched_matmul(hidden, tf.convert_to_tensor(self.kernel_out))
-                + self.bias_out[:, None, :])
+            hidden = [self.dropout(h, training=training) for h in hidden]
+        outputs = layer(hidden, self.kernel_out, self.bias_out)
+        return outputs[0] if single_group else tuple(outputs)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_size,)

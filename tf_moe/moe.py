@@ -171,8 +171,9 @@ class MoE(keras.layers.Layer):
         plan = dispatch_lib.make_dispatch_plan(
             gate_output.expert_ids, self.num_experts,
             capacity=self._capacity(tokens), token_mask=token_mask)
-        buffers = dispatch_lib.dispatch(tokens, plan)
-        expert_outputs = self.experts(buffers, training=training)
+        main, overflow = dispatch_lib.dispatch(tokens, plan)
+        expert_outputs = self.experts(main, overflow, plan.overflow_experts,
+                                      training=training)
         outputs = dispatch_lib.combine(expert_outputs, plan,
                                        gate_output.gate_weights)
 

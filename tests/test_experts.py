@@ -8,15 +8,16 @@ import tensorflow as tf
 from tf_moe import experts as experts_lib
 
 
-@pytest.mark.parametrize("rows", [3, experts_lib._MIN_ROWS_FOR_TRANSPOSED_RHS + 5])
+@pytest.mark.parametrize("rows", [3, experts_lib._SMALL_PRODUCT_ROWS + 5])
 def test_grouped_matmul_gradients_match_autodiff(rows):
     rng = np.random.default_rng(rows)
-    main = tf.constant(rng.normal(size=(4, rows, 5)).astype(np.float32))
+    # 5 experts: EXPERT_CHUNKS = 2 slices them unevenly (3 + 2).
+    main = tf.constant(rng.normal(size=(5, rows, 5)).astype(np.float32))
     overflow = tf.constant(rng.normal(size=(2, 7, 5)).astype(np.float32))
-    w = tf.constant(rng.normal(size=(4, 5, 3)).astype(np.float32))
+    w = tf.constant(rng.normal(size=(5, 5, 3)).astype(np.float32))
     overflow_experts = tf.constant([3, 1])
     cotangents = [tf.constant(rng.normal(size=shape).astype(np.float32))
-                  for shape in [(4, rows, 3), (2, 7, 3)]]
+                  for shape in [(5, rows, 3), (2, 7, 3)]]
 
     def plain(main, overflow, w, overflow_experts):
         return (tf.matmul(main, w),

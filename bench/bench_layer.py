@@ -108,9 +108,14 @@ def _run_worker(args):
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
     if kind == "moe":
-        layer(inputs, training=True)  # counts of one step, for the table
-        counts = layer.expert_token_counts.numpy()
+        # The routing of one more step: its load, and the buffer rows the
+        # plan computes per routed slot (padding included).
+        gate = layer.gate(inputs, training=True)
+        plan = tf_moe.make_dispatch_plan(gate.expert_ids, layer.num_experts)
+        counts = plan.expert_counts.numpy()
         result["max_over_mean_load"] = float(counts.max() / counts.mean())
+        result["rows_over_routed"] = float(
+            plan.buffer_slot.shape[0] / counts.sum())
     print("RESULT " + json.dumps(result))
 
 
@@ -179,16 +184,17 @@ def main(argv=None):
         return f"{row['partition_ratio_to_dense']:.2f}"
 
     print("| layer | experts | step (s) | / dense | dynamic_partition / dense "
-          "| parameters | peak RSS (MB) | max/mean load |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| parameters | peak RSS (MB) | max/mean load | rows/routed |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| dense FFN ({args.k * args.hidden_size}) | - | "
           f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
-          f"{dense['peak_rss_mb']:,.0f} | - |")
+          f"{dense['peak_rss_mb']:,.0f} | - | - |")
     for row in rows:
         print(f"| tf_moe.MoE k={args.k} | {row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
               f"{partition_cell(row)} | {row['parameters']:,} | "
-              f"{row['peak_rss_mb']:,.0f} | {row['max_over_mean_load']:.2f} |")
+              f"{row['peak_rss_mb']:,.0f} | {row['max_over_mean_load']:.2f} | "
+              f"{row['rows_over_routed']:.2f} |")
 
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:

@@ -1,0 +1,85 @@
+"""Why the experts run as they do: batched matmul shapes on this CPU.
+
+    python bench/bench_matmul.py [--experts=256] [--rows=128]
+
+Times, for the same FLOPs, the forward product of E experts' `[C, 512] x
+[512, 1024]` as one `MatMul` of all rows against one weight (the speed the
+hardware gives), as one batched matmul over E, and as 2, 4 and 8 batched
+matmuls over disjoint experts (run concurrently by TensorFlow's executor);
+then the input gradient `dy @ W^T` in both orders. Prints a markdown table
+and writes JSON (bench/results/matmul.json by default).
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _median_seconds(fn, *args, steps=5):
+    fn(*args).numpy()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn(*args).numpy()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def _chunked_matmul(chunks):
+    @tf.function
+    def product(x, w):
+        parts = zip(tf.split(x, chunks), tf.split(w, chunks))
+        return tf.add_n([tf.reduce_sum(tf.matmul(a, b)) for a, b in parts])
+    return product
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--rows", type=int, default=128)
+    parser.add_argument("--model_dim", type=int, default=512)
+    parser.add_argument("--hidden_size", type=int, default=1024)
+    parser.add_argument("--output",
+                        default=os.path.join(_HERE, "results", "matmul.json"))
+    args = parser.parse_args()
+    e, c, d, h = args.experts, args.rows, args.model_dim, args.hidden_size
+    x = tf.random.normal((e, c, d))
+    w = tf.random.normal((e, d, h))
+    dy = tf.random.normal((e, c, h))
+
+    single = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+    results = {"one MatMul of all rows": _median_seconds(
+        single, tf.reshape(x, [e * c, d]), w[0])}
+    for chunks in (1, 2, 4, 8):
+        if e % chunks == 0:
+            results[f"batched, {chunks} op(s)"] = _median_seconds(
+                _chunked_matmul(chunks), x, w)
+    results["input gradient dy @ W^T"] = _median_seconds(
+        tf.function(lambda g, v: tf.reduce_sum(
+            tf.matmul(g, v, transpose_b=True))), dy, w)
+    results["input gradient (W @ dy^T)^T"] = _median_seconds(
+        tf.function(lambda g, v: tf.reduce_sum(tf.transpose(
+            tf.matmul(v, tf.transpose(g, [0, 2, 1])), [0, 2, 1]))), dy, w)
+
+    base = results["one MatMul of all rows"]
+    print(f"E={e} experts x [{c}, {d}] x [{d}, {h}] (forward FLOPs equal)\n")
+    print("| product | seconds | / one MatMul |")
+    print("|---|---|---|")
+    for name, seconds in results.items():
+        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f} |")
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+        json.dump({"config": vars(args), "seconds": results}, f, indent=2)
+    print(f"\nwrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -74,3 +74,25 @@ def test_each_expert_is_initialised_at_its_own_scale():
 def test_non_variance_scaling_initializer_is_kept():
     init = keras.initializers.Constant(0.5)
     assert experts_lib.per_expert_initializer(init, 8) is init
+
+
+def test_single_group_call_has_plain_gradients():
+    """Called without an overflow group, the unused overflow output of the
+    custom-gradient matmul must not break or change the gradients."""
+    layer = experts_lib.Experts(3, 4, 2, bias_initializer="random_normal")
+    x = tf.random.normal((3, 5, 6))
+
+    def plain(x):
+        hidden = tf.nn.relu(tf.matmul(x, layer.kernel_in)
+                            + layer.bias_in[:, None, :])
+        return tf.matmul(hidden, layer.kernel_out) + layer.bias_out[:, None, :]
+
+    results = []
+    for fn in (layer, plain):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = tf.reduce_sum(tf.square(fn(x)))
+        results.append(tape.gradient(value, [x] + layer.trainable_variables))
+    for actual, expected in zip(*results):
+        np.testing.assert_allclose(actual.numpy(), expected.numpy(),
+                                   rtol=1e-5, atol=1e-5)

@@ -150,14 +150,14 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
     if capacity is None:
         capacity, overflow_capacity = split_capacity(expert_counts,
                                                      overflow_expert_cost)
-        overflow_experts = tf.cast(
-            tf.where(expert_counts > capacity)[:, 0], tf.int32)
+        is_overflow = expert_counts > capacity
+        overflow_experts = tf.cast(tf.where(is_overflow)[:, 0], tf.int32)
     else:
+        # A fixed capacity has no overflow group: static shapes for XLA.
         capacity = tf.convert_to_tensor(capacity, tf.int32)
         overflow_capacity = tf.constant(0, tf.int32)
+        is_overflow = tf.zeros([num_experts], tf.bool)
         overflow_experts = tf.zeros([0], tf.int32)
-    is_overflow = tf.math.unsorted_segment_sum(
-        tf.ones_like(overflow_experts), overflow_experts, num_experts) > 0
     overflow_rank = tf.cumsum(tf.cast(is_overflow, tf.int32), exclusive=True)
     num_main_rows = num_experts * capacity
     num_rows = num_main_rows + tf.size(overflow_experts) * overflow_capacity

@@ -31,9 +31,9 @@ def _parse_args(argv=None):
     parser.add_argument("--model_dim", type=int, default=512)
     parser.add_argument("--hidden_size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=5,
+    parser.add_argument("--steps", type=int, default=10,
                         help="Timed steps per configuration (median taken).")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "layer.json"))
     parser.add_argument(

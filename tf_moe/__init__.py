@@ -19,6 +19,7 @@ from tf_moe.balance import smooth_load
 from tf_moe.dispatch import DispatchPlan
 from tf_moe.dispatch import make_dispatch_plan
 from tf_moe.experts import Experts
+from tf_moe.gating import BatchwiseGate
 from tf_moe.gating import GateOutput
 from tf_moe.gating import NoisyTopKGate
 from tf_moe.moe import MoE

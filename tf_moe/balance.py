@@ -53,9 +53,9 @@ def normal_cdf(x):
     return 0.5 * tf.math.erfc(-x / math.sqrt(2.0))
 
 
-def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,
-                token_weights=None):
-    """The paper's smooth load estimator, `Load(X)_i = sum_x P(x, i)`.
+def selection_probability(clean_logits, noisy_logits, noise_stddev,
+                          top_values, k):
+    """The paper's `P(x, i)`, for every token and expert.
 
     `P(x, i) = Phi((clean_i - kth_excluding(H, k, i)) / noise_stddev_i)`: the
     probability that expert i stays in the top k of H when only its own noise
@@ -68,24 +68,36 @@ def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,
         noise_stddev: `[tokens, E]` positive noise scale.
         top_values: `[tokens, >= k+1]` the largest values of H, descending.
         k: experts per token.
+
+    Returns:
+        `[tokens, E]`, differentiable with respect to every input.
+    """
+    num_experts = clean_logits.shape[-1]
+    if k >= num_experts:
+        # Every expert is always chosen: P(x, i) = 1.
+        return tf.ones_like(clean_logits)
+    threshold_if_in = top_values[:, k:k + 1]
+    threshold_if_out = top_values[:, k - 1:k]
+    is_in = noisy_logits > threshold_if_in
+    return tf.where(
+        is_in,
+        normal_cdf((clean_logits - threshold_if_in) / noise_stddev),
+        normal_cdf((clean_logits - threshold_if_out) / noise_stddev),
+    )
+
+
+def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,
+                token_weights=None):
+    """The paper's smooth load estimator, `Load(X)_i = sum_x P(x, i)`.
+
+    Args: as `selection_probability`, and
         token_weights: optional `[tokens]` 1 for real tokens, 0 for masked ones.
 
     Returns:
         `[E]` load, differentiable with respect to every input.
     """
-    num_experts = clean_logits.shape[-1]
-    if k >= num_experts:
-        # Every expert is always chosen: P(x, i) = 1.
-        probabilities = tf.ones_like(clean_logits)
-    else:
-        threshold_if_in = top_values[:, k:k + 1]
-        threshold_if_out = top_values[:, k - 1:k]
-        is_in = noisy_logits > threshold_if_in
-        probabilities = tf.where(
-            is_in,
-            normal_cdf((clean_logits - threshold_if_in) / noise_stddev),
-            normal_cdf((clean_logits - threshold_if_out) / noise_stddev),
-        )
+    probabilities = selection_probability(clean_logits, noisy_logits,
+                                          noise_stddev, top_values, k)
     if token_weights is not None:
         probabilities *= tf.cast(token_weights, probabilities.dtype)[:, None]
     return tf.reduce_sum(probabilities, axis=0)

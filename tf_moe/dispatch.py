@@ -113,7 +113,8 @@ def split_capacity(expert_counts, overflow_expert_cost=None):
 
 
 def make_dispatch_plan(expert_ids, num_experts, capacity=None,
-                       token_mask=None, overflow_expert_cost=None):
+                       token_mask=None, slot_mask=None,
+                       overflow_expert_cost=None):
     """Builds the routing plan for one batch.
 
     Within an expert, slots are taken in order of gate rank, then token:
@@ -121,26 +122,34 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
     so a capacity drops the weakest assignments first.
 
     Args:
-        expert_ids: `[tokens, k]` int32 expert of each slot.
+        expert_ids: `[tokens, k]` int32 expert of each slot; k may be
+            dynamic (gates that give tokens a variable number of experts
+            pad them to the largest, and mask the padding).
         num_experts: E.
         capacity: None for dropless, or an int / scalar int tensor: each
             expert keeps at most that many slots.
         token_mask: optional `[tokens]` bool; masked tokens are not routed.
+        slot_mask: optional `[tokens, k]` bool; masked slots are not routed.
         overflow_expert_cost: see `split_capacity` (dropless only).
 
     Returns:
         A `DispatchPlan`.
     """
     expert_ids = tf.convert_to_tensor(expert_ids, tf.int32)
-    k = expert_ids.shape[-1]
-    num_tokens = tf.shape(expert_ids)[0]
+    num_tokens, k = tf.unstack(tf.shape(expert_ids))
     num_slots = num_tokens * k
 
     # Slot s = rank * tokens + token (rank-major), see the docstring.
     slot_experts = tf.reshape(tf.transpose(expert_ids), [-1])
+    slot_valid = None
     if token_mask is not None:
-        # Masked slots go to a sentinel expert E: sorted last, never placed.
         slot_valid = tf.tile(tf.reshape(token_mask, [-1]), [k])
+    if slot_mask is not None:
+        slot_mask = tf.reshape(tf.transpose(slot_mask), [-1])
+        slot_valid = (slot_mask if slot_valid is None
+                      else slot_valid & slot_mask)
+    if slot_valid is not None:
+        # Masked slots go to a sentinel expert E: sorted last, never placed.
         slot_experts = tf.where(slot_valid, slot_experts, num_experts)
     counts_with_sentinel = tf.math.unsorted_segment_sum(
         tf.ones_like(slot_experts), slot_experts, num_experts + 1)
@@ -180,6 +189,7 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
         + position - capacity)
     slot_row = tf.where(slot_kept, slot_row, num_rows)
     slot_buffer_row = tf.transpose(tf.reshape(slot_row, [k, num_tokens]))
+    slot_buffer_row.set_shape(expert_ids.shape)
 
     # Buffer side: the sorted position of the slot each row takes.
     def sorted_positions(experts, first, size):
@@ -233,7 +243,7 @@ def dispatch(tokens, plan):
     Returns:
         `(main [E, C, d], overflow [E2, C2, d])`; unfilled rows are zero.
     """
-    k = plan.slot_buffer_row.shape[-1]
+    k = tf.shape(plan.slot_buffer_row)[1]
     model_dim = tokens.shape[-1]
 
     @tf.custom_gradient

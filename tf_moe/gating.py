@@ -1,5 +1,21 @@
-"""Noisy top-k gating (paper section 2.1) with the smooth load estimate (4)."""
+"""Gates: which experts each token goes to, and with what weight.
 
+Two gates, both usable flat (weights `[d, E]`, `call` on tokens) or grouped
+(weights `[groups, d, E]`, one gate per group of a `HierarchicalMoE`, whose
+logits the caller computes with a grouped matmul and passes to `route`):
+
+- `NoisyTopKGate`: the paper's noisy top-k gate (section 2.1) with the
+  smooth load estimate of section 4.
+- `BatchwiseGate`: the strictly balanced gate of appendix F. In training
+  every expert takes exactly its top `m = ceil(k * tokens / E)` tokens of
+  the batch; at inference learned per-expert thresholds replace the batch
+  statistics. Tokens get a variable number of experts (k on average).
+
+Gate arithmetic runs in the gate's compute dtype (float32 under mixed
+precision: the layers build their gates with the variable dtype).
+"""
+
+import math
 from typing import NamedTuple, Optional
 
 import keras
@@ -12,18 +28,53 @@ class GateOutput(NamedTuple):
     """What a gate decides for a batch of tokens.
 
     Attributes:
-        expert_ids: `[tokens, k]` int32, the chosen experts, best first.
-        gate_weights: `[tokens, k]` float32, softmax over the kept logits;
-            rows sum to 1 for real tokens and are 0 for masked tokens.
+        expert_ids: `[tokens, k]` int32, the chosen experts, best first. For
+            a gate with a variable number of experts per token, k is the
+            largest number any token got, and `slot_mask` marks the padding.
+        gate_weights: `[tokens, k]` float32; each token's weights sum to 1
+            over its experts (0 for masked tokens and padding slots).
         importance: `[E]` float32, sum of gate values per expert.
         load: `[E]` float32 smooth load estimate, or None for a gate
             without noise (no estimator exists then).
+        slot_mask: optional `[tokens, k]` bool, the slots to route (None:
+            every slot of every unmasked token).
+        threshold_loss: optional scalar, the batchwise gate's L_batchwise.
     """
 
     expert_ids: tf.Tensor
     gate_weights: tf.Tensor
     importance: tf.Tensor
     load: Optional[tf.Tensor]
+    slot_mask: Optional[tf.Tensor] = None
+    threshold_loss: Optional[tf.Tensor] = None
+
+
+class Routing(NamedTuple):
+    """A gate's decision for rows of logits (see `NoisyTopKGate.route`)."""
+
+    expert_ids: tf.Tensor
+    gate_weights: tf.Tensor
+    selection_probability: Optional[tf.Tensor] = None
+    slot_mask: Optional[tf.Tensor] = None
+    threshold_loss: Optional[tf.Tensor] = None
+
+
+def _check_gate_args(num_experts, k, num_groups):
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(
+            f"`num_experts` must be an int >= 1, got {num_experts!r}.")
+    if not isinstance(k, int) or not 1 <= k <= num_experts:
+        raise ValueError(
+            f"`k` must be an int in [1, num_experts={num_experts}], "
+            f"got {k!r}.")
+    if num_groups is not None and (not isinstance(num_groups, int)
+                                   or num_groups < 1):
+        raise ValueError(
+            f"`num_groups` must be None or an int >= 1, got {num_groups!r}.")
+
+
+def _weight_shape(num_groups, *shape):
+    return shape if num_groups is None else (num_groups,) + shape
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -39,7 +90,7 @@ class NoisyTopKGate(keras.layers.Layer):
     `Phi(. / scale)`, finite where softplus underflows; the paper authors'
     code uses the same 1e-2.
 
-    Call arguments:
+    Call arguments (flat gate):
         tokens: `[tokens, d]` floating tensor.
         token_mask: optional `[tokens]` bool; masked tokens get zero gate
             weights and count in neither importance nor load.
@@ -50,15 +101,10 @@ class NoisyTopKGate(keras.layers.Layer):
     """
 
     def __init__(self, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
-                 kernel_initializer="zeros", seed=None, **kwargs):
+                 kernel_initializer="zeros", seed=None, num_groups=None,
+                 **kwargs):
         super().__init__(**kwargs)
-        if not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(
-                f"`num_experts` must be an int >= 1, got {num_experts!r}.")
-        if not isinstance(k, int) or not 1 <= k <= num_experts:
-            raise ValueError(
-                f"`k` must be an int in [1, num_experts={num_experts}], "
-                f"got {k!r}.")
+        _check_gate_args(num_experts, k, num_groups)
         if noise_epsilon < 0:
             raise ValueError(
                 f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
@@ -68,53 +114,71 @@ class NoisyTopKGate(keras.layers.Layer):
         self.noise_epsilon = float(noise_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
+        self.num_groups = num_groups
         self.seed_generator = keras.random.SeedGenerator(seed)
 
     def build(self, input_shape):
-        model_dim = input_shape[-1]
+        shape = _weight_shape(self.num_groups, input_shape[-1],
+                              self.num_experts)
         self.gate_kernel = self.add_weight(
-            name="gate_kernel", shape=(model_dim, self.num_experts),
+            name="gate_kernel", shape=shape,
             initializer=self.kernel_initializer)
         if self.noisy_gating:
             self.noise_kernel = self.add_weight(
-                name="noise_kernel", shape=(model_dim, self.num_experts),
+                name="noise_kernel", shape=shape,
                 initializer=self.kernel_initializer)
 
-    def call(self, tokens, token_mask=None, training=None):
-        tokens = tf.cast(tokens, self.compute_dtype)
-        clean_logits = tf.matmul(tokens, self.gate_kernel)
-        # With k+1 values the load estimator finds kth_excluding for every
-        # expert from the same top_k call that picks the experts.
-        num_top = min(self.k + 1, self.num_experts)
+    def route(self, clean_logits, noise_logits=None, training=None):
+        """Top-k routing of rows of logits.
 
+        Args:
+            clean_logits: `[rows, E]` x . W_g.
+            noise_logits: `[rows, E]` x . W_noise (noisy gates only).
+            training: adds noise when true.
+
+        Returns:
+            A `Routing`: expert_ids and gate_weights `[rows, k]`, and for a
+            noisy gate the `[rows, E]` selection probability P(x, i) of
+            the load estimate.
+        """
+        logits = clean_logits
         if self.noisy_gating:
-            noise_stddev = (tf.nn.softplus(tf.matmul(tokens, self.noise_kernel))
-                            + self.noise_epsilon)
+            noise_stddev = tf.nn.softplus(noise_logits) + self.noise_epsilon
             if training:
                 noise = keras.random.normal(
                     tf.shape(clean_logits), dtype=clean_logits.dtype,
                     seed=self.seed_generator)
                 logits = clean_logits + noise * noise_stddev
-            else:
-                logits = clean_logits
-        else:
-            logits = clean_logits
-
+        # With k+1 values the load estimator finds kth_excluding for every
+        # expert from the same top_k call that picks the experts.
+        num_top = min(self.k + 1, self.num_experts)
         top_values, top_ids = tf.math.top_k(logits, k=num_top)
         expert_ids = top_ids[:, :self.k]
         gate_weights = tf.nn.softmax(top_values[:, :self.k], axis=-1)
-        token_weights = None
-        if token_mask is not None:
-            token_weights = tf.cast(token_mask, gate_weights.dtype)
-            gate_weights *= token_weights[:, None]
-
-        importance = balance.importance(expert_ids, gate_weights,
-                                        self.num_experts)
-        load = None
+        probability = None
         if self.noisy_gating:
-            load = balance.smooth_load(clean_logits, logits, noise_stddev,
-                                       top_values, self.k, token_weights)
-        return GateOutput(expert_ids, gate_weights, importance, load)
+            probability = balance.selection_probability(
+                clean_logits, logits, noise_stddev, top_values, self.k)
+        return Routing(expert_ids, gate_weights, probability)
+
+    def call(self, tokens, token_mask=None, training=None):
+        tokens = tf.cast(tokens, self.compute_dtype)
+        noise_logits = (tf.matmul(tokens, self.noise_kernel)
+                        if self.noisy_gating else None)
+        routing = self.route(tf.matmul(tokens, self.gate_kernel),
+                             noise_logits, training=training)
+        gate_weights = routing.gate_weights
+        probability = routing.selection_probability
+        if token_mask is not None:
+            token_weights = tf.cast(token_mask, gate_weights.dtype)[:, None]
+            gate_weights *= token_weights
+            if probability is not None:
+                probability *= token_weights
+        importance = balance.importance(routing.expert_ids, gate_weights,
+                                        self.num_experts)
+        load = (None if probability is None
+                else tf.reduce_sum(probability, axis=0))
+        return GateOutput(routing.expert_ids, gate_weights, importance, load)
 
     def get_config(self):
         config = super().get_config()
@@ -126,5 +190,225 @@ class NoisyTopKGate(keras.layers.Layer):
             kernel_initializer=keras.initializers.serialize(
                 self.kernel_initializer),
             seed=self.seed,
+            num_groups=self.num_groups,
+        )
+        return config
+
+
+def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
+    """M_batchwise: each expert keeps its top m rows of a segment.
+
+    Args:
+        log_probabilities: `[segments, rows, E]` (any per-element monotone
+            function of the softmax gives the same mask).
+        row_valid: `[segments, rows]` bool; invalid rows are never kept.
+        k: experts per row on average: `m = ceil(k * valid rows / E)` per
+            segment (at most the valid rows, as k <= E).
+        shuffle_seed: optional SeedGenerator: ties are broken in a random
+            order of the rows. Without it the first rows win every tie,
+            and a zero-initialised gate (all values equal) would send the
+            first m rows to every expert and no expert to the rest.
+
+    Returns:
+        `[segments, rows, E]` bool, exactly m True per (segment, expert).
+    """
+    num_segments, num_rows, num_experts = tf.unstack(
+        tf.shape(log_probabilities))
+    num_valid = tf.reduce_sum(tf.cast(row_valid, tf.int32), axis=1)
+    per_expert = (k * num_valid + num_experts - 1) // num_experts  # m [S]
+    keys = tf.where(row_valid[:, :, None], log_probabilities,
+                    tf.constant(-math.inf, log_probabilities.dtype))
+    order = tf.range(num_rows)
+    if shuffle_seed is not None:
+        order = keras.random.shuffle(order, seed=shuffle_seed)
+        keys = tf.gather(keys, order, axis=1)
+    _, top_rows = tf.math.top_k(tf.transpose(keys, [0, 2, 1]),
+                                k=tf.reduce_max(tf.concat([per_expert, [0]],
+                                                          axis=0)))
+    top_rows = tf.gather(order, top_rows)  # [S, E, m_max]
+    taken = tf.range(tf.shape(top_rows)[2]) < per_expert[:, None, None]
+    taken = tf.broadcast_to(taken, tf.shape(top_rows))
+    segment = tf.broadcast_to(tf.range(num_segments)[:, None, None],
+                              tf.shape(top_rows))
+    expert = tf.broadcast_to(tf.range(num_experts)[None, :, None],
+                             tf.shape(top_rows))
+    coordinates = tf.stack([segment, top_rows, expert], axis=-1)
+    counts = tf.scatter_nd(tf.boolean_mask(coordinates, taken),
+                           tf.ones([tf.reduce_sum(tf.cast(taken, tf.int32))],
+                                   tf.int32),
+                           tf.shape(log_probabilities))
+    return counts > 0
+
+
+def slots_from_mask(probabilities, mask):
+    """Turns a `[rows, E]` expert mask into padded routing slots.
+
+    `G(x)_i = p_i M_i / sum_j p_j M_j` (appendix F's renormalised gate).
+
+    Args:
+        probabilities: `[rows, E]` softmax of the gate logits.
+        mask: `[rows, E]` bool, the experts each row goes to.
+
+    Returns:
+        `(expert_ids, gate_weights, slot_mask)`, each `[rows, k_max]`, with
+        k_max the most experts any row has; rows with no expert get zero
+        weights (their output is zero).
+    """
+    per_row = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
+    most = tf.reduce_max(tf.concat([per_row, [0]], axis=0))
+    values, expert_ids = tf.math.top_k(
+        tf.where(mask, probabilities, -tf.ones_like(probabilities)), k=most)
+    slot_mask = tf.gather(mask, expert_ids, batch_dims=1)
+    kept = tf.where(slot_mask, values, tf.zeros_like(values))
+    gate_weights = tf.math.divide_no_nan(
+        kept, tf.reduce_sum(kept, axis=1, keepdims=True))
+    return expert_ids, gate_weights, slot_mask
+
+
+def threshold_loss(log_probabilities, thresholds, threshold_mask, batch_mask,
+                   row_weights):
+    """L_batchwise, per valid row: `sum_i (M_thr - M_batch)_i (X_i - T_i)`.
+
+    Every term is >= 0 and vanishes where the threshold mask agrees with
+    the batchwise one; it pushes T_i above the values the batch dropped
+    and below the ones it kept. Divided by the number of valid rows (the
+    paper sums over the batch) so that its scale does not grow with it.
+
+    Args:
+        log_probabilities: `[rows, E]`.
+        thresholds: `[E]` or `[rows, E]`.
+        threshold_mask, batch_mask: `[rows, E]` bool.
+        row_weights: `[rows]` 1 for valid rows, 0 otherwise.
+
+    Returns:
+        Scalar.
+    """
+    disagreement = (tf.cast(threshold_mask, log_probabilities.dtype)
+                    - tf.cast(batch_mask, log_probabilities.dtype))
+    per_row = tf.reduce_sum(disagreement * (log_probabilities - thresholds),
+                            axis=1)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_row * row_weights),
+                                 tf.reduce_sum(row_weights))
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class BatchwiseGate(keras.layers.Layer):
+    """Strictly balanced gating (paper appendix F).
+
+    `G_sigma(x) = softmax(x W_g)`. In training the mask is M_batchwise: each
+    expert takes the m tokens of the batch with the largest G_sigma for it,
+    `m = ceil(k * tokens / E)` (masked tokens not counted), so every expert
+    receives exactly m tokens and a token gets k experts on average (some
+    none, some more than k). At inference, M_threshold keeps expert i for x
+    when `log G_sigma(x)_i > T_i`, so serving needs no batch statistics.
+    `G(x)` is G_sigma renormalised over the kept experts.
+
+    The thresholds T are trained by the paper's L_batchwise (returned as
+    `threshold_loss`; the layers add it to their losses). They live in
+    log-probability space: the masks are the paper's (log is monotone),
+    and a threshold's scale does not shrink as 1/E, so an optimizer's
+    usual step sizes suit it. They start at `log(1 / E)`, the uniform gate.
+
+    There is no noise and no load estimate: the load is exactly balanced
+    in training. Ties are broken at random in training (see
+    `batchwise_mask`).
+
+    Call arguments (flat gate):
+        tokens: `[tokens, d]`.
+        token_mask: optional `[tokens]` bool.
+        training: batchwise mask when true, threshold mask otherwise.
+
+    Returns:
+        A `GateOutput` with `slot_mask` and `threshold_loss`.
+    """
+
+    def __init__(self, num_experts, k, kernel_initializer="zeros", seed=None,
+                 num_groups=None, **kwargs):
+        super().__init__(**kwargs)
+        _check_gate_args(num_experts, k, num_groups)
+        self.num_experts = num_experts
+        self.k = k
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        self.num_groups = num_groups
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape):
+        self.gate_kernel = self.add_weight(
+            name="gate_kernel",
+            shape=_weight_shape(self.num_groups, input_shape[-1],
+                                self.num_experts),
+            initializer=self.kernel_initializer)
+        self.thresholds = self.add_weight(
+            name="thresholds",
+            shape=_weight_shape(self.num_groups, self.num_experts),
+            initializer=keras.initializers.Constant(
+                -math.log(self.num_experts)))
+
+    def route(self, clean_logits, row_valid, training=None, row_groups=None,
+              num_segments=1):
+        """Balanced routing of rows of logits.
+
+        Args:
+            clean_logits: `[rows, E]` x . W_g.
+            row_valid: `[rows]` bool, rows to route.
+            training: batchwise mask when true.
+            row_groups: `[rows]` int32, each row's group (grouped gate).
+            num_segments: in training, the rows are this many equal
+                segments balanced on their own (a hierarchical layer's
+                groups); each needs the same number of rows.
+
+        Returns:
+            A `Routing` with expert_ids, gate_weights and slot_mask
+            `[rows, k_max]` and threshold_loss.
+        """
+        log_probabilities = tf.nn.log_softmax(clean_logits, axis=-1)
+        thresholds = tf.convert_to_tensor(self.thresholds)
+        if row_groups is not None:
+            thresholds = tf.gather(thresholds, row_groups)
+        threshold_mask = ((log_probabilities > thresholds)
+                          & row_valid[:, None])
+        if training:
+            def segments(x):
+                return tf.reshape(
+                    x, tf.concat([[num_segments, -1], tf.shape(x)[1:]], 0))
+            mask = tf.reshape(
+                batchwise_mask(segments(log_probabilities),
+                               segments(row_valid), self.k,
+                               shuffle_seed=self.seed_generator),
+                tf.shape(log_probabilities))
+            loss = threshold_loss(
+                log_probabilities, thresholds, threshold_mask, mask,
+                tf.cast(row_valid, log_probabilities.dtype))
+        else:
+            mask = threshold_mask
+            loss = tf.zeros([], log_probabilities.dtype)
+        expert_ids, gate_weights, slot_mask = slots_from_mask(
+            tf.exp(log_probabilities), mask)
+        return Routing(expert_ids, gate_weights, slot_mask=slot_mask,
+                       threshold_loss=loss)
+
+    def call(self, tokens, token_mask=None, training=None):
+        tokens = tf.cast(tokens, self.compute_dtype)
+        row_valid = (tf.ones(tf.shape(tokens)[:1], tf.bool)
+                     if token_mask is None else tf.reshape(token_mask, [-1]))
+        routing = self.route(tf.matmul(tokens, self.gate_kernel), row_valid,
+                             training=training)
+        importance = balance.importance(routing.expert_ids,
+                                        routing.gate_weights,
+                                        self.num_experts)
+        return GateOutput(routing.expert_ids, routing.gate_weights,
+                          importance, None, slot_mask=routing.slot_mask,
+                          threshold_loss=routing.threshold_loss)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            k=self.k,
+            kernel_initializer=keras.initializers.serialize(
+                self.kernel_initializer),
+            seed=self.seed,
+            num_groups=self.num_groups,
         )
         return config

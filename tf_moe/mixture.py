@@ -1,0 +1,219 @@
+"""What every MoE layer shares: tokens in, routed experts, tokens out.
+
+A subclass decides the routing (`_route`: a `GateOutput` over all of its
+experts); this base checks the arguments, flattens the input into tokens,
+dispatches them to the experts, combines the outputs, adds the balancing
+losses and records the metrics.
+"""
+
+import keras
+import tensorflow as tf
+
+from tf_moe import balance
+from tf_moe import dispatch as dispatch_lib
+from tf_moe.experts import Experts
+
+GATINGS = ("noisy_top_k", "batchwise")
+
+
+def check_positive_int(name, value):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+
+
+def check_non_negative(name, value):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or value < 0):
+        raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
+
+
+class MixtureOfExperts(keras.layers.Layer):
+    """Base of `MoE` and `HierarchicalMoE` (see their docstrings).
+
+    Subclasses set `num_experts` (all experts) and `experts_per_token` (k
+    of the whole layer, for the capacity) before `build`, build their gates
+    in `_build_gates(model_dim)` and implement `_route`.
+    """
+
+    _default_name = "moe"
+
+    def __init__(self, hidden_size, output_size=None, gating="noisy_top_k",
+                 noisy_gating=True, importance_weight=0.1, load_weight=0.1,
+                 capacity_factor=None, activation="relu", expert_dropout=0.0,
+                 noise_epsilon=1e-2, kernel_initializer="glorot_uniform",
+                 bias_initializer="zeros", gate_initializer="zeros",
+                 seed=None, **kwargs):
+        if "name" not in kwargs:
+            # "moe", "moe_1", ... as Keras names its own layers (the class
+            # name would give "mo_e"); metric names carry the layer name.
+            base = self._default_name
+            uid = keras.backend.get_uid(f"tf_moe.{base}")
+            kwargs["name"] = base if uid == 1 else f"{base}_{uid - 1}"
+        super().__init__(**kwargs)
+        check_positive_int("hidden_size", hidden_size)
+        if output_size is not None:
+            check_positive_int("output_size", output_size)
+        if gating not in GATINGS:
+            raise ValueError(
+                f"`gating` must be one of {GATINGS}, got {gating!r}.")
+        check_non_negative("importance_weight", importance_weight)
+        check_non_negative("load_weight", load_weight)
+        if capacity_factor is not None and (
+                not isinstance(capacity_factor, (int, float))
+                or capacity_factor <= 0):
+            raise ValueError("`capacity_factor` must be None (dropless) or a "
+                             f"number > 0, got {capacity_factor!r}.")
+        if (not isinstance(expert_dropout, (int, float))
+                or not 0 <= expert_dropout < 1):
+            raise ValueError(
+                f"`expert_dropout` must be in [0, 1), got {expert_dropout!r}.")
+        check_non_negative("noise_epsilon", noise_epsilon)
+
+        self.hidden_size = hidden_size
+        self.output_size = output_size
+        self.gating = gating
+        # Only the noisy top-k gate has noise (and so a load estimate).
+        self.noisy_gating = bool(noisy_gating) and gating == "noisy_top_k"
+        self.importance_weight = float(importance_weight)
+        self.load_weight = float(load_weight)
+        self.capacity_factor = (None if capacity_factor is None
+                                else float(capacity_factor))
+        self.activation = keras.activations.get(activation)
+        self.expert_dropout = float(expert_dropout)
+        self.noise_epsilon = float(noise_epsilon)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+        self.gate_initializer = keras.initializers.get(gate_initializer)
+        self.seed = seed
+        self.supports_masking = True
+
+        metrics = ["importance_loss", "load_loss", "load_cv",
+                   "dropped_fraction"]
+        if gating == "batchwise":
+            metrics.append("threshold_loss")
+        self._metric_trackers = {
+            metric: keras.metrics.Mean(name=f"{self.name}_{metric}")
+            for metric in metrics
+        }
+
+    def _gate_kwargs(self):
+        """Arguments of the gates: float32 under mixed precision."""
+        return dict(kernel_initializer=self.gate_initializer, seed=self.seed,
+                    dtype=self.dtype_policy.variable_dtype)
+
+    def build(self, input_shape):
+        if len(input_shape) < 2:
+            raise ValueError(
+                f"`inputs` must have rank >= 2 ([..., d]), got shape "
+                f"{tuple(input_shape)}.")
+        model_dim = input_shape[-1]
+        if model_dim is None:
+            raise ValueError(
+                "`inputs` must have a known last dimension (the model "
+                f"width d), got shape {tuple(input_shape)}.")
+        self.model_dim = model_dim
+        self._build_gates(model_dim)
+        self.experts = Experts(
+            self.num_experts, self.hidden_size,
+            self.output_size or model_dim, activation=self.activation,
+            dropout=self.expert_dropout,
+            kernel_initializer=self.kernel_initializer,
+            bias_initializer=self.bias_initializer, seed=self.seed,
+            dtype=self.dtype_policy, name="experts")
+        self.experts.build((self.num_experts, None, model_dim))
+        self.expert_token_counts = self.add_weight(
+            name="expert_token_counts", shape=(self.num_experts,),
+            dtype="int32", initializer="zeros", trainable=False)
+
+    def _build_gates(self, model_dim):
+        raise NotImplementedError
+
+    def _route(self, tokens, token_mask, training):
+        """Returns a `GateOutput` over all `num_experts` experts."""
+        raise NotImplementedError
+
+    def call(self, inputs, training=None, mask=None):
+        if not inputs.dtype.is_floating:
+            raise ValueError(
+                f"`inputs` must be a floating tensor, got dtype "
+                f"{inputs.dtype.name}.")
+        output_size = self.output_size or self.model_dim
+        tokens = tf.reshape(inputs, [-1, self.model_dim])
+        token_mask = None if mask is None else tf.reshape(mask, [-1])
+
+        gate_output = self._route(tokens, token_mask, training)
+        plan = dispatch_lib.make_dispatch_plan(
+            gate_output.expert_ids, self.num_experts,
+            capacity=self._capacity(tokens, self.num_experts,
+                                    self.experts_per_token),
+            token_mask=token_mask, slot_mask=gate_output.slot_mask)
+        main, overflow = dispatch_lib.dispatch(tokens, plan)
+        expert_outputs = self.experts(main, overflow, plan.overflow_experts,
+                                      training=training)
+        outputs = dispatch_lib.combine(expert_outputs, plan,
+                                       gate_output.gate_weights)
+
+        importance_loss, load_loss = balance.balancing_loss(
+            gate_output.importance, gate_output.load,
+            self.importance_weight, self.load_weight)
+        losses = {"importance_loss": importance_loss,
+                  "load_loss": load_loss}
+        if gate_output.threshold_loss is not None:
+            losses["threshold_loss"] = gate_output.threshold_loss
+        self.add_loss(tf.add_n(list(losses.values())))
+        self._record_routing(plan, losses)
+
+        output_shape = tf.concat(
+            [tf.shape(inputs)[:-1], [output_size]], axis=0)
+        return tf.reshape(outputs, output_shape)
+
+    def _capacity(self, tokens, num_experts, experts_per_token):
+        """The fixed per-expert capacity, or None (dropless)."""
+        if self.capacity_factor is None:
+            return None
+        num_tokens = tokens.shape[0]
+        if num_tokens is None:
+            num_tokens = tf.shape(tokens)[0]
+        return dispatch_lib.fixed_capacity(
+            num_tokens, num_experts, experts_per_token, self.capacity_factor)
+
+    def _record_routing(self, plan, losses):
+        counts = tf.cast(plan.expert_counts, tf.float32)
+        routed_slots = tf.reduce_sum(counts)
+        values = dict(losses)
+        values["load_cv"] = tf.sqrt(balance.cv_squared(counts))
+        values["dropped_fraction"] = tf.math.divide_no_nan(
+            tf.cast(plan.num_dropped, tf.float32), routed_slots)
+        for metric, value in values.items():
+            self._metric_trackers[metric].update_state(value)
+        self.expert_token_counts.assign(plan.expert_counts)
+
+    def compute_output_shape(self, input_shape):
+        output_size = self.output_size or input_shape[-1]
+        return tuple(input_shape[:-1]) + (output_size,)
+
+    def compute_mask(self, inputs, mask=None):
+        return mask
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_size=self.hidden_size,
+            output_size=self.output_size,
+            gating=self.gating,
+            noisy_gating=self.noisy_gating,
+            importance_weight=self.importance_weight,
+            load_weight=self.load_weight,
+            capacity_factor=self.capacity_factor,
+            activation=keras.activations.serialize(self.activation),
+            expert_dropout=self.expert_dropout,
+            noise_epsilon=self.noise_epsilon,
+            kernel_initializer=keras.initializers.serialize(
+                self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(
+                self.bias_initializer),
+            gate_initializer=keras.initializers.serialize(
+                self.gate_initializer),
+            seed=self.seed,
+        )
+        return config

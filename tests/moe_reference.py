@@ -44,16 +44,84 @@ def dense_moe(layer, inputs, mask=None, capacity=None):
     gate = layer.gate(tokens, token_mask=tf.constant(token_mask))
     kept = capacity_keep_mask(gate.expert_ids.numpy(), layer.num_experts,
                               capacity, token_mask)
-    weights = gate.gate_weights * kept
-    token_index = np.repeat(np.arange(num_tokens), layer.k)
-    dense_gates = tf.scatter_nd(
-        np.stack([token_index, gate.expert_ids.numpy().ravel()], axis=1),
-        tf.reshape(weights, [-1]), [num_tokens, layer.num_experts])
+    dense_gates = _scatter_gates(gate.expert_ids.numpy(),
+                                 gate.gate_weights * kept, layer.num_experts)
+    outputs = tf.einsum("te,teo->to", dense_gates,
+                        _every_expert(layer.experts, tokens))
+    return tf.reshape(outputs, list(inputs.shape[:-1]) + [outputs.shape[-1]])
 
-    experts = layer.experts
+
+def _scatter_gates(expert_ids, gate_weights, num_experts):
+    """`[tokens, k]` sparse gates -> `[tokens, E]` dense ones."""
+    num_tokens, k = expert_ids.shape
+    token_index = np.repeat(np.arange(num_tokens), k)
+    return tf.scatter_nd(
+        np.stack([token_index, np.asarray(expert_ids).ravel()], axis=1),
+        tf.reshape(gate_weights, [-1]), [num_tokens, num_experts])
+
+
+def _every_expert(experts, tokens):
+    """`[tokens, E, d_out]`: every expert's output on every token."""
     hidden = tf.einsum("td,edh->teh", tokens, experts.kernel_in) + experts.bias_in
     hidden = experts.activation(hidden)
-    every_output = (tf.einsum("teh,eho->teo", hidden, experts.kernel_out)
-                    + experts.bias_out)
-    outputs = tf.einsum("te,teo->to", dense_gates, every_output)
-    return tf.reshape(outputs, list(inputs.shape[:-1]) + [outputs.shape[-1]])
+    return (tf.einsum("teh,eho->teo", hidden, experts.kernel_out)
+            + experts.bias_out)
+
+
+def dense_hierarchical_moe(layer, inputs, mask=None):
+    """Reference inference pass of `tf_moe.HierarchicalMoE` (dropless).
+
+    Every group's gate runs on every token and every expert on every token;
+    the two levels of top-k gates are combined densely.
+
+    Returns:
+        `(outputs [..., d_out], importance_h [G * B], load_h [G * B] or None)`.
+    """
+    inputs = tf.convert_to_tensor(inputs)
+    tokens = tf.reshape(inputs, [-1, inputs.shape[-1]])
+    num_tokens = tokens.shape[0]
+    token_mask = (np.ones(num_tokens, bool) if mask is None
+                  else np.reshape(np.asarray(mask), [-1]))
+    groups, per_group = layer.num_groups, layer.experts_per_group
+    k2 = layer.k_secondary
+    primary = layer.primary_gate(tokens, token_mask=tf.constant(token_mask))
+    primary_dense = _scatter_gates(primary.expert_ids.numpy(),
+                                   primary.gate_weights, groups)  # [T, G]
+
+    secondary = layer.secondary_gate
+    logits = tf.einsum("td,gdb->tgb", tokens, secondary.gate_kernel)
+    top_values, top_ids = tf.math.top_k(logits, k=k2)
+    secondary_dense = tf.reshape(_scatter_gates(
+        tf.reshape(top_ids, [-1, k2]).numpy(),
+        tf.nn.softmax(tf.reshape(top_values, [-1, k2]), axis=-1),
+        per_group), [num_tokens, groups, per_group])
+    gates = primary_dense[:, :, None] * secondary_dense  # [T, G, B]
+    flat_gates = tf.reshape(gates, [num_tokens, groups * per_group])
+    outputs = tf.einsum("te,teo->to", flat_gates,
+                        _every_expert(layer.experts, tokens))
+    outputs = tf.reshape(outputs,
+                         list(inputs.shape[:-1]) + [outputs.shape[-1]])
+    importance_h = tf.reduce_sum(flat_gates, axis=0)
+
+    load_h = None
+    if primary.load is not None:
+        from tf_moe.balance import selection_probability
+        noise_logits = tf.einsum("td,gdb->tgb", tokens, secondary.noise_kernel)
+        stddev = tf.nn.softplus(noise_logits) + secondary.noise_epsilon
+        num_top = min(k2 + 1, per_group)
+        flat = lambda x: tf.reshape(x, [-1, x.shape[-1]])
+        probability = tf.reshape(selection_probability(
+            flat(logits), flat(logits), flat(stddev),
+            flat(tf.math.top_k(logits, k=num_top).values), k2),
+            [num_tokens, groups, per_group])
+        routed = np.zeros((num_tokens, groups), np.float32)
+        for token in range(num_tokens):
+            if token_mask[token]:
+                routed[token, primary.expert_ids.numpy()[token]] = 1.0
+        group_tokens = routed.sum(axis=0)
+        group_load = tf.einsum("tg,tgb->gb", routed, probability)
+        per_token = tf.where(group_tokens[:, None] > 0,
+                             group_load / np.maximum(group_tokens, 1)[:, None],
+                             k2 / per_group)
+        load_h = tf.reshape(primary.load[:, None] * per_token, [-1])
+    return outputs, importance_h, load_h

@@ -22,6 +22,7 @@ from tf_moe.experts import Experts
 from tf_moe.gating import BatchwiseGate
 from tf_moe.gating import GateOutput
 from tf_moe.gating import NoisyTopKGate
+from tf_moe.hierarchical import HierarchicalMoE
 from tf_moe.moe import MoE
 
 __version__ = "0.1.0"

@@ -195,6 +195,11 @@ class NoisyTopKGate(keras.layers.Layer):
         return config
 
 
+def balanced_capacity(num_valid, num_experts, k):
+    """`m = ceil(k * num_valid / E)`, the tokens each expert takes (int32)."""
+    return (k * num_valid + num_experts - 1) // num_experts
+
+
 def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
     """M_batchwise: each expert keeps its top m rows of a segment.
 
@@ -215,7 +220,7 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
     num_segments, num_rows, num_experts = tf.unstack(
         tf.shape(log_probabilities))
     num_valid = tf.reduce_sum(tf.cast(row_valid, tf.int32), axis=1)
-    per_expert = (k * num_valid + num_experts - 1) // num_experts  # m [S]
+    per_expert = balanced_capacity(num_valid, num_experts, k)  # m [S]
     keys = tf.where(row_valid[:, :, None], log_probabilities,
                     tf.constant(-math.inf, log_probabilities.dtype))
     order = tf.range(num_rows)

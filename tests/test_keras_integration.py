@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tf_moe
+import layer_kinds
 
 
 def _data(num=128, steps=6, width=8, seed=0):
@@ -20,12 +21,17 @@ def _data(num=128, steps=6, width=8, seed=0):
     return x, y
 
 
-def _sequential(**moe_kwargs):
+def _sequential(kind=layer_kinds.moe, **moe_kwargs):
     return keras.Sequential([
         keras.Input((6, 8)),
-        tf_moe.MoE(8, 16, k=2, seed=1, **moe_kwargs),
+        kind(**moe_kwargs),
         keras.layers.Dense(8),
     ])
+
+
+def _layer_of(model):
+    return next(layer for layer in model._flatten_layers()
+                if isinstance(layer, tf_moe.mixture.MixtureOfExperts))
 
 
 def _functional():
@@ -45,7 +51,9 @@ class SubclassedMoEModel(keras.Model):
         return self.head(self.moe(inputs, training=training))
 
 
-@pytest.mark.parametrize("build", [_sequential, _functional, SubclassedMoEModel])
+@pytest.mark.parametrize("build", [
+    _functional, SubclassedMoEModel] + [
+        lambda kind=kind: _sequential(kind) for kind in layer_kinds.ALL])
 def test_fit_logs_balancing_metrics_and_reduces_loss(build):
     x, y = _data()
     model = build()
@@ -53,9 +61,8 @@ def test_fit_logs_balancing_metrics_and_reduces_loss(build):
     history = model.fit(x, y, batch_size=32, epochs=4, verbose=0,
                         validation_data=(x[:32], y[:32]))
     logs = history.history
-    moe = next(l for l in model._flatten_layers() if isinstance(l, tf_moe.MoE))
-    for metric in ("importance_loss", "load_loss", "load_cv",
-                   "dropped_fraction"):
+    moe = _layer_of(model)
+    for metric in moe._metric_trackers:
         assert f"{moe.name}_{metric}" in logs, sorted(logs)
         assert f"val_{moe.name}_{metric}" in logs
         assert all(np.isfinite(logs[f"{moe.name}_{metric}"]))
@@ -95,19 +102,21 @@ def test_callback_reads_expert_token_counts():
         assert counts.sum() == 16 * 6 * 2  # every token, k = 2, dropless
 
 
-def test_fit_with_jit_compile_and_capacity():
+@pytest.mark.parametrize("kind", layer_kinds.STATIC_SHAPES)
+def test_fit_with_jit_compile_and_capacity(kind):
     x, y = _data()
-    model = _sequential(capacity_factor=1.5)
+    model = _sequential(kind, capacity_factor=1.5)
     model.compile(keras.optimizers.Adam(0.01), "mse", jit_compile=True)
     logs = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
     assert logs["loss"][-1] < logs["loss"][0]
     assert 0.0 <= logs[f"{model.layers[0].name}_dropped_fraction"][-1] < 0.5
 
 
-def test_fit_under_mixed_bfloat16():
+@pytest.mark.parametrize("kind", layer_kinds.ALL)
+def test_fit_under_mixed_bfloat16(kind):
     keras.config.set_dtype_policy("mixed_bfloat16")
     x, y = _data()
-    model = _sequential()
+    model = _sequential(kind)
     model.compile(keras.optimizers.Adam(0.01), "mse")
     logs = model.fit(x, y, batch_size=32, epochs=3, verbose=0).history
     assert np.all(np.isfinite(logs["loss"]))
@@ -121,25 +130,39 @@ def test_get_config_round_trip():
                        expert_dropout=0.1, seed=3, name="my_moe")
     clone = tf_moe.MoE.from_config(layer.get_config())
     assert clone.get_config() == layer.get_config()
+    layer = tf_moe.HierarchicalMoE(
+        3, 5, 12, k_primary=2, k_secondary=3, output_size=4,
+        gating="batchwise", importance_weight=0.01, capacity_factor=2.0,
+        seed=4, name="my_hmoe")
+    clone = tf_moe.HierarchicalMoE.from_config(layer.get_config())
+    assert clone.get_config() == layer.get_config()
 
 
-def test_keras_file_round_trip(tmp_path):
+@pytest.mark.parametrize("kind", layer_kinds.ALL)
+def test_keras_file_round_trip(kind, tmp_path):
     x, y = _data(num=32)
-    model = _sequential(capacity_factor=2.0)
+    model = _sequential(kind, capacity_factor=2.0)
     model.compile("adam", "mse")
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "model.keras")
     model.save(path)
     restored = keras.models.load_model(path)
-    assert isinstance(restored.layers[0], tf_moe.MoE)
+    assert type(restored.layers[0]) is type(model.layers[0])
     np.testing.assert_allclose(restored.predict(x, verbose=0),
                                model.predict(x, verbose=0), atol=1e-6)
 
 
-def test_export_serves_in_a_fresh_process_without_tf_moe(tmp_path):
+def _both_hierarchical():
+    # One export (one fresh process) for both hierarchical gatings.
+    return keras.Sequential([layer_kinds.hierarchical(),
+                             layer_kinds.hierarchical_batchwise()])
+
+
+@pytest.mark.parametrize("kind", [layer_kinds.moe, _both_hierarchical])
+def test_export_serves_in_a_fresh_process_without_tf_moe(kind, tmp_path):
     x, y = _data(num=32)
     inputs = keras.Input((None, 8))
-    hidden = tf_moe.MoE(8, 16, k=2, seed=1)(inputs)
+    hidden = kind()(inputs)
     model = keras.Model(inputs, keras.layers.Dense(3)(hidden))
     model.compile(keras.optimizers.Adam(0.01), "mse")
     model.fit(x, y[..., :3], epochs=2, verbose=0)

@@ -12,7 +12,9 @@ logits the caller computes with a grouped matmul and passes to `route`):
   statistics. Tokens get a variable number of experts (k on average).
 
 Gate arithmetic runs in the gate's compute dtype (float32 under mixed
-precision: the layers build their gates with the variable dtype).
+precision: the layers build their gates with the variable dtype), and gate
+weights are never autocast, even when a hierarchical layer reads them from
+its own (bfloat16) call.
 """
 
 import math
@@ -122,11 +124,11 @@ class NoisyTopKGate(keras.layers.Layer):
                               self.num_experts)
         self.gate_kernel = self.add_weight(
             name="gate_kernel", shape=shape,
-            initializer=self.kernel_initializer)
+            initializer=self.kernel_initializer, autocast=False)
         if self.noisy_gating:
             self.noise_kernel = self.add_weight(
                 name="noise_kernel", shape=shape,
-                initializer=self.kernel_initializer)
+                initializer=self.kernel_initializer, autocast=False)
 
     def route(self, clean_logits, noise_logits=None, training=None):
         """Top-k routing of rows of logits.
@@ -209,10 +211,10 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
         row_valid: `[segments, rows]` bool; invalid rows are never kept.
         k: experts per row on average: `m = ceil(k * valid rows / E)` per
             segment (at most the valid rows, as k <= E).
-        shuffle_seed: optional SeedGenerator: ties are broken in a random
-            order of the rows. Without it the first rows win every tie,
-            and a zero-initialised gate (all values equal) would send the
-            first m rows to every expert and no expert to the rest.
+        shuffle_seed: optional SeedGenerator: each expert breaks ties in
+            its own random order of the rows. Without it the first rows win
+            every tie, and a zero-initialised gate (all values equal) would
+            send the first m rows to every expert and none to the rest.
 
     Returns:
         `[segments, rows, E]` bool, exactly m True per (segment, expert).
@@ -223,14 +225,24 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
     per_expert = balanced_capacity(num_valid, num_experts, k)  # m [S]
     keys = tf.where(row_valid[:, :, None], log_probabilities,
                     tf.constant(-math.inf, log_probabilities.dtype))
-    order = tf.range(num_rows)
+    keys = tf.transpose(keys, [0, 2, 1])  # [S, E, N]
+    # order[s, e, p]: the row expert e visits p-th; top_k prefers earlier
+    # positions among equal values.
+    order = tf.range(num_rows)[None, :]
     if shuffle_seed is not None:
-        order = keras.random.shuffle(order, seed=shuffle_seed)
-        keys = tf.gather(keys, order, axis=1)
-    _, top_rows = tf.math.top_k(tf.transpose(keys, [0, 2, 1]),
-                                k=tf.reduce_max(tf.concat([per_expert, [0]],
-                                                          axis=0)))
-    top_rows = tf.gather(order, top_rows)  # [S, E, m_max]
+        # One random order of the rows, then a random rotation of it per
+        # expert, so that each expert breaks its ties differently.
+        shuffled = keras.random.shuffle(tf.range(num_rows), seed=shuffle_seed)
+        offsets = tf.cast(
+            keras.random.uniform([num_experts, 1], seed=shuffle_seed)
+            * tf.cast(num_rows, tf.float32), tf.int32)
+        order = tf.gather(shuffled,
+                          (order + offsets) % tf.maximum(num_rows, 1))
+    order = tf.broadcast_to(order, tf.shape(keys))
+    keys = tf.gather(keys, order, batch_dims=2)
+    _, top_positions = tf.math.top_k(
+        keys, k=tf.reduce_max(tf.concat([per_expert, [0]], axis=0)))
+    top_rows = tf.gather(order, top_positions, batch_dims=2)  # [S, E, m_max]
     taken = tf.range(tf.shape(top_rows)[2]) < per_expert[:, None, None]
     taken = tf.broadcast_to(taken, tf.shape(top_rows))
     segment = tf.broadcast_to(tf.range(num_segments)[:, None, None],
@@ -343,12 +355,12 @@ class BatchwiseGate(keras.layers.Layer):
             name="gate_kernel",
             shape=_weight_shape(self.num_groups, input_shape[-1],
                                 self.num_experts),
-            initializer=self.kernel_initializer)
+            initializer=self.kernel_initializer, autocast=False)
         self.thresholds = self.add_weight(
             name="thresholds",
             shape=_weight_shape(self.num_groups, self.num_experts),
             initializer=keras.initializers.Constant(
-                -math.log(self.num_experts)))
+                -math.log(self.num_experts)), autocast=False)
 
     def route(self, clean_logits, row_valid, training=None, row_groups=None,
               num_segments=1):

@@ -14,6 +14,7 @@ JSON (bench/results/layer.json by default). Asserts nothing about time.
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -50,7 +51,7 @@ def _parse_args(argv=None):
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
     parser.add_argument("--worker", default=None,
-                        help=argparse.SUPPRESS)  # "dense" or "moe:E"
+                        help=argparse.SUPPRESS)  # dense, moe:E, partition:E, hierarchical:GxB
     return parser.parse_args(argv)
 
 
@@ -74,6 +75,13 @@ def _run_worker(args):
     elif kind == "partition":
         from partition_baseline import PartitionedMoE
         layer = PartitionedMoE(int(experts), args.hidden_size, args.k, seed=0)
+    elif kind == "hierarchical":
+        # "GxB": G groups of B experts, k_primary * k_secondary = k.
+        groups, per_group = (int(n) for n in experts.split("x"))
+        k_primary = 2 if args.k % 2 == 0 and groups > 1 else 1
+        layer = tf_moe.HierarchicalMoE(
+            groups, per_group, args.hidden_size, k_primary=k_primary,
+            k_secondary=args.k // k_primary, seed=0)
     else:
         layer = tf_moe.MoE(int(experts), args.hidden_size, k=args.k, seed=0)
     layer(inputs[:8], training=True)
@@ -101,17 +109,19 @@ def _run_worker(args):
 
     result = {
         "layer": kind,
-        "num_experts": int(experts) if experts else None,
+        "num_experts": (None if not experts
+                        else math.prod(int(n) for n in experts.split("x"))),
         "step_seconds": float(np.median(times)),
         "step_seconds_all": times,
         "parameters": int(sum(np.prod(v.shape) for v in variables)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    if kind == "moe":
+    if kind in ("moe", "hierarchical"):
         # The routing of one more step: its load, and the buffer rows the
         # plan computes per routed slot (padding included).
-        gate = layer.gate(inputs, training=True)
-        plan = tf_moe.make_dispatch_plan(gate.expert_ids, layer.num_experts)
+        gate = layer._route(inputs, None, training=True)
+        plan = tf_moe.make_dispatch_plan(gate.expert_ids, layer.num_experts,
+                                         slot_mask=gate.slot_mask)
         counts = plan.expert_counts.numpy()
         result["max_over_mean_load"] = float(counts.max() / counts.mean())
         result["rows_over_routed"] = float(

@@ -84,6 +84,22 @@ def test_split_capacity_minimises_rows_plus_gather_cost():
         assert int(capacity) + int(overflow) == largest
 
 
+def test_capacities_come_in_buckets():
+    values = np.arange(0, 5000)
+    buckets = dispatch.bucket_capacity(values).numpy()
+    assert np.all(buckets >= values)
+    np.testing.assert_array_equal(buckets[:17], values[:17])
+    assert np.all(buckets <= values * 1.125 + 1e-9)
+    assert np.all(np.diff(buckets) >= 0)
+    # 8 sizes per octave: a handful of shapes for the compiled kernels.
+    assert len(np.unique(buckets[1024:2048])) <= 9
+    # The split picks among bucketed sizes; every slot still has a row.
+    counts = tf.constant([100, 97, 101, 103, 99, 98, 102, 130])
+    capacity, overflow = dispatch.split_capacity(counts, 16)
+    assert int(capacity) in buckets
+    assert int(capacity) + int(overflow) >= 130
+
+
 @pytest.mark.parametrize("num_experts, k, capacity, masked, cost", [
     (4, 2, None, False, 16), (4, 2, None, True, 0), (8, 3, 2, True, 0),
     (5, 5, 3, False, 0), (1, 1, None, True, 0), (16, 4, 1, False, 0),
@@ -112,7 +128,11 @@ def test_plan_matches_slow_reference(num_experts, k, capacity, masked, cost):
     if capacity is not None:
         assert main_capacity == capacity and not overflow_experts
     else:
-        assert main_capacity + overflow_capacity == max(len(f) for f in filled)
+        largest = max(len(f) for f in filled)
+        if overflow_experts:
+            assert main_capacity + overflow_capacity == largest
+        else:  # one group, its capacity rounded up to a bucket
+            assert main_capacity == dispatch.bucket_capacity(largest)
     num_rows = (num_experts * main_capacity
                 + len(overflow_experts) * overflow_capacity)
     buffer_slot = plan.buffer_slot.numpy()

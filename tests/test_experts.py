@@ -11,13 +11,13 @@ from tf_moe import experts as experts_lib
 @pytest.mark.parametrize("rows", [3, experts_lib._SMALL_PRODUCT_ROWS + 5])
 def test_grouped_matmul_gradients_match_autodiff(rows):
     rng = np.random.default_rng(rows)
-    # 5 experts: EXPERT_CHUNKS = 2 slices them unevenly (3 + 2).
-    main = tf.constant(rng.normal(size=(5, rows, 5)).astype(np.float32))
-    overflow = tf.constant(rng.normal(size=(2, 7, 5)).astype(np.float32))
+    main = tf.constant(rng.normal(size=(5, 4, 5)).astype(np.float32))
+    # Both paths of the overflow input gradient (small and large products).
+    overflow = tf.constant(rng.normal(size=(2, rows, 5)).astype(np.float32))
     w = tf.constant(rng.normal(size=(5, 5, 3)).astype(np.float32))
     overflow_experts = tf.constant([3, 1])
     cotangents = [tf.constant(rng.normal(size=shape).astype(np.float32))
-                  for shape in [(5, rows, 3), (2, 7, 3)]]
+                  for shape in [(5, 4, 3), (2, rows, 3)]]
 
     def plain(main, overflow, w, overflow_experts):
         return (tf.matmul(main, w),

@@ -4,10 +4,11 @@
 
 Times, for the same FLOPs, the forward product of E experts' `[C, 512] x
 [512, 1024]` as one `MatMul` of all rows against one weight (the speed the
-hardware gives), as one batched matmul over E, and as 2, 4 and 8 batched
-matmuls over disjoint experts (run concurrently by TensorFlow's executor);
-then the input gradient `dy @ W^T` in both orders. Prints a markdown table
-and writes JSON (bench/results/matmul.json by default).
+hardware gives), as one batched matmul over E with TensorFlow's kernel and
+compiled by XLA (what tf_moe/experts.py runs), then the weight gradient
+`x^T @ dy` and the input gradient `dy @ W^T` (TensorFlow's kernel in both
+orders, and XLA). Prints a markdown table and writes JSON
+(bench/results/matmul.json by default).
 """
 
 import argparse
@@ -33,12 +34,9 @@ def _median_seconds(fn, *args, steps=5):
     return float(np.median(times))
 
 
-def _chunked_matmul(chunks):
-    @tf.function
-    def product(x, w):
-        parts = zip(tf.split(x, chunks), tf.split(w, chunks))
-        return tf.add_n([tf.reduce_sum(tf.matmul(a, b)) for a, b in parts])
-    return product
+def _summed(product, jit_compile=False):
+    return tf.function(lambda a, b: tf.reduce_sum(product(a, b)),
+                       jit_compile=jit_compile)
 
 
 def main():
@@ -55,19 +53,31 @@ def main():
     w = tf.random.normal((e, d, h))
     dy = tf.random.normal((e, c, h))
 
-    single = tf.function(lambda a, b: tf.reduce_sum(tf.matmul(a, b)))
+    def forward(a, b):
+        return tf.matmul(a, b)
+
+    def weight_gradient(a, g):
+        return tf.matmul(a, g, transpose_a=True)
+
+    def input_gradient(g, v):
+        return tf.matmul(g, v, transpose_b=True)
+
+    def input_gradient_transposed(g, v):
+        return tf.transpose(tf.matmul(v, tf.transpose(g, [0, 2, 1])),
+                            [0, 2, 1])
+
     results = {"one MatMul of all rows": _median_seconds(
-        single, tf.reshape(x, [e * c, d]), w[0])}
-    for chunks in (1, 2, 4, 8):
-        if e % chunks == 0:
-            results[f"batched, {chunks} op(s)"] = _median_seconds(
-                _chunked_matmul(chunks), x, w)
-    results["input gradient dy @ W^T"] = _median_seconds(
-        tf.function(lambda g, v: tf.reduce_sum(
-            tf.matmul(g, v, transpose_b=True))), dy, w)
-    results["input gradient (W @ dy^T)^T"] = _median_seconds(
-        tf.function(lambda g, v: tf.reduce_sum(tf.transpose(
-            tf.matmul(v, tf.transpose(g, [0, 2, 1])), [0, 2, 1]))), dy, w)
+        _summed(forward), tf.reshape(x, [e * c, d]), w[0])}
+    for name, product, operands in [
+            ("forward x @ W", forward, (x, w)),
+            ("weight gradient x^T @ dy", weight_gradient, (x, dy)),
+            ("input gradient dy @ W^T", input_gradient, (dy, w))]:
+        results[name] = _median_seconds(_summed(product), *operands)
+        if product is input_gradient:
+            results["input gradient (W @ dy^T)^T"] = _median_seconds(
+                _summed(input_gradient_transposed), *operands)
+        results[name + ", XLA"] = _median_seconds(
+            _summed(product, jit_compile=True), *operands)
 
     base = results["one MatMul of all rows"]
     print(f"E={e} experts x [{c}, {d}] x [{d}, {h}] (forward FLOPs equal)\n")

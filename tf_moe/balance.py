@@ -78,12 +78,10 @@ def selection_probability(clean_logits, noisy_logits, noise_stddev,
         return tf.ones_like(clean_logits)
     threshold_if_in = top_values[:, k:k + 1]
     threshold_if_out = top_values[:, k - 1:k]
-    is_in = noisy_logits > threshold_if_in
-    return tf.where(
-        is_in,
-        normal_cdf((clean_logits - threshold_if_in) / noise_stddev),
-        normal_cdf((clean_logits - threshold_if_out) / noise_stddev),
-    )
+    # Pick the threshold first: one Phi over [tokens, E], not one per case.
+    threshold = tf.where(noisy_logits > threshold_if_in, threshold_if_in,
+                         threshold_if_out)
+    return normal_cdf((clean_logits - threshold) / noise_stddev)
 
 
 def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,

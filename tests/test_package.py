@@ -8,7 +8,8 @@ import tf_moe
 
 
 def test_public_api():
-    for name in ("MoE", "NoisyTopKGate", "Experts", "GateOutput",
+    for name in ("MoE", "HierarchicalMoE", "NoisyTopKGate", "BatchwiseGate",
+                 "Experts", "GateOutput",
                  "cv_squared", "importance", "smooth_load", "balancing_loss",
                  "make_dispatch_plan", "DispatchPlan"):
         assert hasattr(tf_moe, name), name

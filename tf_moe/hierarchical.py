@@ -1,14 +1,31 @@
 """The two-level hierarchical Mixture-of-Experts (paper appendix B)."""
 
+from typing import NamedTuple
+
 import keras
 import tensorflow as tf
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
 from tf_moe.experts import grouped_matmul
-from tf_moe.gating import BatchwiseGate, GateOutput, NoisyTopKGate
+from tf_moe.gating import BatchwiseGate, GateOutput, NoisyTopKGate, Routing
 from tf_moe.gating import balanced_capacity
 from tf_moe.mixture import MixtureOfExperts, check_positive_int
+
+
+class GroupRows(NamedTuple):
+    """The secondary gates' decisions for the rows of the group buffers.
+
+    Attributes:
+        routing: a `Routing` over the rows (main rows, then overflow rows),
+            expert ids within the row's group.
+        row_valid: `[rows]` bool, the row holds a token (not padding).
+        row_groups: `[rows]` int32, the group of each row.
+    """
+
+    routing: Routing
+    row_valid: tf.Tensor
+    row_groups: tf.Tensor
 
 
 def _gather_rows(values, rows, padding):
@@ -136,7 +153,7 @@ class HierarchicalMoE(MixtureOfExperts):
             capacity=self._group_capacity(tokens, token_mask, training),
             token_mask=token_mask, slot_mask=primary.slot_mask)
         rows = self._secondary_rows(tokens, group_plan, training)
-        secondary = rows["routing"]
+        secondary = rows.routing
 
         # Back from group rows to each token's primary slots: [T, k1, k2].
         slot_row = group_plan.slot_buffer_row
@@ -181,12 +198,7 @@ class HierarchicalMoE(MixtureOfExperts):
         return self._capacity(tokens, self.num_groups, self.k_primary)
 
     def _secondary_rows(self, tokens, group_plan, training):
-        """Runs each group's gate on the tokens in its buffer.
-
-        Returns a dict: `routing` (a `Routing` over the group buffer rows,
-        main rows then overflow rows), `row_valid` `[rows]` bool and
-        `row_groups` `[rows]` int32.
-        """
+        """Runs each group's gate on the tokens in its buffer: `GroupRows`."""
         gate = self.secondary_gate
         main, overflow = dispatch_lib.dispatch(tokens, group_plan)
         dtype = gate.compute_dtype
@@ -217,17 +229,16 @@ class HierarchicalMoE(MixtureOfExperts):
                                  training=training)
         else:
             routing = gate.route(logits, training=training)
-        return dict(routing=routing, row_valid=row_valid,
-                    row_groups=row_groups)
+        return GroupRows(routing, row_valid, row_groups)
 
     def _hierarchical_load(self, primary_load, rows):
         """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""
-        row_weights = tf.cast(rows["row_valid"], primary_load.dtype)
+        row_weights = tf.cast(rows.row_valid, primary_load.dtype)
         group_load = tf.math.unsorted_segment_sum(
-            rows["routing"].selection_probability * row_weights[:, None],
-            rows["row_groups"], self.num_groups)  # [G, B]
+            rows.routing.selection_probability * row_weights[:, None],
+            rows.row_groups, self.num_groups)  # [G, B]
         group_tokens = tf.math.unsorted_segment_sum(
-            row_weights, rows["row_groups"], self.num_groups)  # [G]
+            row_weights, rows.row_groups, self.num_groups)  # [G]
         per_token = tf.where(
             group_tokens[:, None] > 0,
             tf.math.divide_no_nan(group_load, group_tokens[:, None]),

@@ -121,25 +121,25 @@ class HierarchicalMoE(MixtureOfExperts):
         self.num_experts = num_groups * experts_per_group
         self.experts_per_token = k_primary * k_secondary
 
-        gate_kwargs = self._gate_kwargs()
+        primary_kwargs = self._gate_kwargs()
+        # The secondary gates draw their own noise (and tie-breaking order).
+        secondary_kwargs = dict(primary_kwargs,
+                                seed=None if seed is None else seed + 1)
         if self.gating == "batchwise":
             self.primary_gate = BatchwiseGate(
-                num_groups, k_primary, name="primary_gate", **gate_kwargs)
+                num_groups, k_primary, name="primary_gate", **primary_kwargs)
             self.secondary_gate = BatchwiseGate(
                 experts_per_group, k_secondary, num_groups=num_groups,
-                name="secondary_gate", **gate_kwargs)
+                name="secondary_gate", **secondary_kwargs)
         else:
             noise = dict(noisy_gating=self.noisy_gating,
                          noise_epsilon=noise_epsilon)
             self.primary_gate = NoisyTopKGate(
                 num_groups, k_primary, name="primary_gate", **noise,
-                **gate_kwargs)
-            # Its own noise: the seed generator is offset from the primary's.
-            secondary_seed = None if seed is None else seed + 1
-            gate_kwargs["seed"] = secondary_seed
+                **primary_kwargs)
             self.secondary_gate = NoisyTopKGate(
                 experts_per_group, k_secondary, num_groups=num_groups,
-                name="secondary_gate", **noise, **gate_kwargs)
+                name="secondary_gate", **noise, **secondary_kwargs)
 
     def _build_gates(self, model_dim):
         self.primary_gate.build((None, model_dim))

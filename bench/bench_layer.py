@@ -119,7 +119,7 @@ def _run_worker(args):
     if kind in ("moe", "hierarchical"):
         # The routing of one more step: its load, and the buffer rows the
         # plan computes per routed slot (padding included).
-        gate = layer._route(inputs, None, training=True)
+        gate, _ = layer._route(inputs, None, training=True)
         plan = tf_moe.make_dispatch_plan(gate.expert_ids, layer.num_experts,
                                          slot_mask=gate.slot_mask)
         counts = plan.expert_counts.numpy()

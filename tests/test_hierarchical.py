@@ -71,7 +71,7 @@ def test_matches_dense_reference(groups, per_group, k1, k2, shape, masked,
     def fast():
         tokens = tf.reshape(inputs, [-1, shape[-1]])
         token_mask = None if mask is None else tf.reshape(mask_tensor, [-1])
-        gate = layer._route(tokens, token_mask, training=False)
+        gate, _ = layer._route(tokens, token_mask, training=False)
         return (layer(inputs, mask=mask_tensor), gate.importance, gate.load)
 
     (fast_out, fast_imp, fast_load), fast_grads = objective(fast)
@@ -158,7 +158,7 @@ def test_importance_and_load_by_hand():
         load[i] = (primary_load[i] * group_load[i] / group_tokens[i]
                    if group_tokens[i] else primary_load[i] * 1 / 2)
 
-    gate = layer._route(tf.constant(tokens), None, training=False)
+    gate, _ = layer._route(tf.constant(tokens), None, training=False)
     np.testing.assert_allclose(gate.importance.numpy(), importance.ravel(),
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(gate.load.numpy(), load.ravel(), rtol=1e-5,
@@ -253,3 +253,19 @@ def test_65536_experts_build_train_and_export(tmp_path):
     served = tf.saved_model.load(export_dir)
     np.testing.assert_allclose(served.serve(tf.constant(x[:2])).numpy(),
                                model.predict(x[:2], verbose=0), atol=1e-5)
+
+
+def test_dropped_fraction_counts_tokens_dropped_by_full_groups():
+    # Both groups chosen by every token (k_primary = groups = 2), group
+    # capacity ceil(0.5 * 2 * 10 / 2) = 5 of the 10 tokens each: 10 of 20
+    # assignments are lost before the experts, whose capacity (3) may drop
+    # more.
+    layer = _layer(2, 2, k_primary=2, k_secondary=1, capacity_factor=0.5)
+    layer(tf.random.normal((10, 5)))
+    counts = layer.expert_token_counts.numpy()
+    assert counts.sum() == 10
+    expert_capacity = tf_moe.dispatch.fixed_capacity(10, 4, 2, 0.5)
+    expected = (10 + np.maximum(counts - expert_capacity, 0).sum()) / 20
+    dropped = layer._metric_trackers["dropped_fraction"].result().numpy()
+    assert dropped == pytest.approx(expected)
+    assert dropped >= 0.5

@@ -227,7 +227,7 @@ def test_mixed_bfloat16_keeps_the_gate_in_float32(kind):
         assert gate.gate_kernel.dtype == "float32"
     assert layer.experts.kernel_in.dtype == "float32"
     assert layer.losses[0].dtype == tf.float32
-    gate = layer._route(tf.reshape(inputs, [-1, 5]), None, training=False)
+    gate, _ = layer._route(tf.reshape(inputs, [-1, 5]), None, training=False)
     assert gate.gate_weights.dtype == tf.float32
     assert np.isfinite(layer.losses[0].numpy())
 

@@ -82,7 +82,9 @@ class HierarchicalMoE(MixtureOfExperts):
         Every other argument is `MoE`'s.
 
     Call arguments and output: as `MoE`. Metrics: as `MoE`, over all
-    `num_groups * experts_per_group` experts (`expert_token_counts` too).
+    `num_groups * experts_per_group` experts (`expert_token_counts` too);
+    `dropped_fraction` counts a token dropped by a full group as
+    `k_secondary` dropped assignments.
     """
 
     _default_name = "hierarchical_moe"
@@ -182,8 +184,12 @@ class HierarchicalMoE(MixtureOfExperts):
         threshold_loss = None
         if primary.threshold_loss is not None:
             threshold_loss = primary.threshold_loss + secondary.threshold_loss
-        return GateOutput(expert_ids, gate_weights, importance, load,
-                          slot_mask=slot_mask, threshold_loss=threshold_loss)
+        gate_output = GateOutput(expert_ids, gate_weights, importance, load,
+                                 slot_mask=slot_mask,
+                                 threshold_loss=threshold_loss)
+        # A token dropped by a full group would have gone to k_secondary of
+        # its experts.
+        return gate_output, group_plan.num_dropped * self.k_secondary
 
     def _group_capacity(self, tokens, token_mask, training):
         if self.gating == "batchwise" and training:

@@ -129,7 +129,14 @@ class MixtureOfExperts(keras.layers.Layer):
         raise NotImplementedError
 
     def _route(self, tokens, token_mask, training):
-        """Returns a `GateOutput` over all `num_experts` experts."""
+        """Decides the routing of a batch.
+
+        Returns:
+            `(gate_output, dropped_before_dispatch)`: a `GateOutput` over all
+            `num_experts` experts, and the number of (token, expert)
+            assignments lost before the expert dispatch (a hierarchical
+            layer's group capacity), which `dropped_fraction` counts too.
+        """
         raise NotImplementedError
 
     def call(self, inputs, training=None, mask=None):
@@ -141,7 +148,8 @@ class MixtureOfExperts(keras.layers.Layer):
         tokens = tf.reshape(inputs, [-1, self.model_dim])
         token_mask = None if mask is None else tf.reshape(mask, [-1])
 
-        gate_output = self._route(tokens, token_mask, training)
+        gate_output, dropped_before_dispatch = self._route(
+            tokens, token_mask, training)
         plan = dispatch_lib.make_dispatch_plan(
             gate_output.expert_ids, self.num_experts,
             capacity=self._capacity(tokens, self.num_experts,
@@ -161,7 +169,7 @@ class MixtureOfExperts(keras.layers.Layer):
         if gate_output.threshold_loss is not None:
             losses["threshold_loss"] = gate_output.threshold_loss
         self.add_loss(tf.add_n(list(losses.values())))
-        self._record_routing(plan, losses)
+        self._record_routing(plan, dropped_before_dispatch, losses)
 
         output_shape = tf.concat(
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
@@ -177,13 +185,14 @@ class MixtureOfExperts(keras.layers.Layer):
         return dispatch_lib.fixed_capacity(
             num_tokens, num_experts, experts_per_token, self.capacity_factor)
 
-    def _record_routing(self, plan, losses):
+    def _record_routing(self, plan, dropped_before_dispatch, losses):
         counts = tf.cast(plan.expert_counts, tf.float32)
-        routed_slots = tf.reduce_sum(counts)
+        dropped_before = tf.cast(dropped_before_dispatch, tf.float32)
+        routed = tf.reduce_sum(counts) + dropped_before
         values = dict(losses)
         values["load_cv"] = tf.sqrt(balance.cv_squared(counts))
         values["dropped_fraction"] = tf.math.divide_no_nan(
-            tf.cast(plan.num_dropped, tf.float32), routed_slots)
+            tf.cast(plan.num_dropped, tf.float32) + dropped_before, routed)
         for metric, value in values.items():
             self._metric_trackers[metric].update_state(value)
         self.expert_token_counts.assign(plan.expert_counts)

@@ -103,7 +103,9 @@ class MoE(MixtureOfExperts):
         self.gate.build((None, model_dim))
 
     def _route(self, tokens, token_mask, training):
-        return self.gate(tokens, token_mask=token_mask, training=training)
+        gate_output = self.gate(tokens, token_mask=token_mask,
+                                training=training)
+        return gate_output, 0
 
     def get_config(self):
         config = super().get_config()

@@ -13,6 +13,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["tf_moe", "tf_moe.*", "trainers", "trainers.*"]),
+    # The embedded corpora (trainers/corpora/PROVENANCE.md).
+    package_data={"trainers.corpora": ["*.tsv.gz", "PROVENANCE.md"]},
     install_requires=[
         "tensorflow==2.21.*",
         "keras>=3.15,<4",

@@ -247,10 +247,15 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
     )
 
 
-def _gather_padded(values, indices):
-    """`values[indices]` for `[n, d]` values, with index n giving zeros."""
-    zero_row = tf.zeros([1, values.shape[-1]], values.dtype)
-    return tf.gather(tf.concat([values, zero_row], axis=0), indices)
+def gather_padded(values, indices, padding=0):
+    """`values[indices]` for `[n, ...]` values, index n giving `padding`.
+
+    The index maps of a `DispatchPlan` use one-past-the-end for "none"
+    (unfilled rows, slots not kept); this reads them without a mask.
+    """
+    pad = tf.fill(tf.concat([[1], tf.shape(values)[1:]], axis=0),
+                  tf.constant(padding, values.dtype))
+    return tf.gather(tf.concat([values, pad], axis=0), indices)
 
 
 def dispatch(tokens, plan):
@@ -271,11 +276,11 @@ def dispatch(tokens, plan):
 
     @tf.custom_gradient
     def gather_into_rows(tokens):
-        rows = _gather_padded(tokens, plan.buffer_slot // k)
+        rows = gather_padded(tokens, plan.buffer_slot // k)
 
         def grad(d_rows):
             return tf.reduce_sum(
-                _gather_padded(d_rows, plan.slot_buffer_row), axis=1)
+                gather_padded(d_rows, plan.slot_buffer_row), axis=1)
 
         return rows, grad
 
@@ -306,11 +311,11 @@ def combine(expert_outputs, plan, gate_weights):
 
     @tf.custom_gradient
     def gather_from_rows(rows):
-        slot_outputs = _gather_padded(rows, plan.slot_buffer_row)
+        slot_outputs = gather_padded(rows, plan.slot_buffer_row)
 
         def grad(d_slot_outputs):
             d_slots = tf.reshape(d_slot_outputs, [-1, d_out])
-            return _gather_padded(d_slots, plan.buffer_slot)
+            return gather_padded(d_slots, plan.buffer_slot)
 
         return slot_outputs, grad
 

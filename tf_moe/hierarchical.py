@@ -28,14 +28,6 @@ class GroupRows(NamedTuple):
     row_groups: tf.Tensor
 
 
-def _gather_rows(values, rows, padding):
-    """`values[rows]` for `[R, ...]` values, with row R giving `padding`."""
-    padded = tf.concat(
-        [values, tf.fill(tf.concat([[1], tf.shape(values)[1:]], 0),
-                         tf.constant(padding, values.dtype))], axis=0)
-    return tf.gather(padded, rows)
-
-
 @keras.saving.register_keras_serializable(package="tf_moe")
 class HierarchicalMoE(MixtureOfExperts):
     """`y = sum_i sum_j G_primary(x)_i G_i(x)_j E_ij(x)` (appendix B).
@@ -159,9 +151,11 @@ class HierarchicalMoE(MixtureOfExperts):
 
         # Back from group rows to each token's primary slots: [T, k1, k2].
         slot_row = group_plan.slot_buffer_row
-        row_expert_ids = _gather_rows(secondary.expert_ids, slot_row, 0)
-        row_weights = _gather_rows(secondary.gate_weights, slot_row, 0.0)
-        slot_mask = _gather_rows(
+        row_expert_ids = dispatch_lib.gather_padded(secondary.expert_ids,
+                                                    slot_row, 0)
+        row_weights = dispatch_lib.gather_padded(secondary.gate_weights,
+                                                 slot_row, 0.0)
+        slot_mask = dispatch_lib.gather_padded(
             tf.ones_like(secondary.expert_ids, tf.bool)
             if secondary.slot_mask is None else secondary.slot_mask,
             slot_row, False)

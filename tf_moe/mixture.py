@@ -126,7 +126,9 @@ class MixtureOfExperts(keras.layers.Layer):
             dtype="int32", initializer="zeros", trainable=False)
 
     def _build_gates(self, model_dim):
-        raise NotImplementedError
+        """Builds the subclass's gates for inputs of width `model_dim`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _build_gates.")
 
     def _route(self, tokens, token_mask, training):
         """Decides the routing of a batch.
@@ -137,7 +139,8 @@ class MixtureOfExperts(keras.layers.Layer):
             assignments lost before the expert dispatch (a hierarchical
             layer's group capacity), which `dropped_fraction` counts too.
         """
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement _route.")
 
     def call(self, inputs, training=None, mask=None):
         if not inputs.dtype.is_floating:

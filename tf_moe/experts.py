@@ -3,6 +3,8 @@
 import keras
 import tensorflow as tf
 
+from tf_moe import sharding
+
 
 def per_expert_initializer(initializer, num_experts):
     """Makes a kernel initializer scale each expert's `[d, h]` slice alone.
@@ -108,7 +110,9 @@ class Experts(keras.layers.Layer):
     `b_out: [E, d_out]`.
 
     Call arguments:
-        main: `[E, C, d]`, row c of expert e is one token for expert e.
+        main: `[E, C, d]`, row c of expert e is one token for expert e; or
+            `[G, E, C, d]`, one such buffer per group of tokens (a mesh's
+            batch shards), with no overflow.
         overflow: optional `[E2, C2, d]`, more rows for some experts.
         overflow_experts: `[E2]` int32, the expert of each overflow block.
         training: enables dropout on the hidden activations.
@@ -137,23 +141,28 @@ class Experts(keras.layers.Layer):
         model_dim = input_shape[-1]
         kernel_initializer = per_expert_initializer(
             self.kernel_initializer, self.num_experts)
-        self.kernel_in = self.add_weight(
-            name="kernel_in",
-            shape=(self.num_experts, model_dim, self.hidden_size),
-            initializer=kernel_initializer)
-        self.bias_in = self.add_weight(
-            name="bias_in", shape=(self.num_experts, self.hidden_size),
-            initializer=self.bias_initializer)
-        self.kernel_out = self.add_weight(
-            name="kernel_out",
-            shape=(self.num_experts, self.hidden_size, self.output_size),
-            initializer=kernel_initializer)
-        self.bias_out = self.add_weight(
-            name="bias_out", shape=(self.num_experts, self.output_size),
-            initializer=self.bias_initializer)
+        # On a mesh every weight is split over the expert axis by its
+        # first dimension (a no-op off the mesh).
+        with sharding.expert_sharded_variables():
+            self.kernel_in = self.add_weight(
+                name="kernel_in",
+                shape=(self.num_experts, model_dim, self.hidden_size),
+                initializer=kernel_initializer)
+            self.bias_in = self.add_weight(
+                name="bias_in", shape=(self.num_experts, self.hidden_size),
+                initializer=self.bias_initializer)
+            self.kernel_out = self.add_weight(
+                name="kernel_out",
+                shape=(self.num_experts, self.hidden_size, self.output_size),
+                initializer=kernel_initializer)
+            self.bias_out = self.add_weight(
+                name="bias_out", shape=(self.num_experts, self.output_size),
+                initializer=self.bias_initializer)
 
     def call(self, main, overflow=None, overflow_experts=None,
              training=None):
+        if main.shape.rank == 4:
+            return self._call_grouped(main, training)
         single_group = overflow is None
         if single_group:
             overflow = tf.zeros([0, 0, main.shape[-1]], main.dtype)
@@ -171,6 +180,20 @@ class Experts(keras.layers.Layer):
             hidden = [self.dropout(h, training=training) for h in hidden]
         outputs = layer(hidden, self.kernel_out, self.bias_out)
         return outputs[0] if single_group else tuple(outputs)
+
+    def _call_grouped(self, buffers, training):
+        """`[G, E, C, d]` -> `[G, E, C, d_out]`: one buffer per token group,
+        as on a mesh, where E may be split over devices (plain einsums, which
+        DTensor shards; the XLA kernels above are single-device)."""
+        def layer(inputs, kernel, bias):
+            return (tf.einsum("gecd,edh->gech", inputs, kernel)
+                    + bias[None, :, None, :])
+
+        hidden = self.activation(
+            layer(buffers, self.kernel_in, self.bias_in))
+        if self.dropout_rate > 0:
+            hidden = self.dropout(hidden, training=training)
+        return layer(hidden, self.kernel_out, self.bias_out)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_size,)

@@ -22,8 +22,10 @@ from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
+from tensorflow.experimental import dtensor
 
 from tf_moe import balance
+from tf_moe import sharding
 
 
 class GateOutput(NamedTuple):
@@ -80,6 +82,18 @@ def _weight_shape(num_groups, *shape):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
+def top_k_with_gather_gradient(logits, k):
+    """`tf.math.top_k` whose values get their gradient through a gather.
+
+    TopKV2's own gradient scatters into the flattened logits with global
+    indices, which is wrong when the rows are split over a DTensor mesh
+    (indices past the local shard); a batched gather's gradient is
+    computed row by row. Values and gradients are the same.
+    """
+    top_ids = tf.math.top_k(tf.stop_gradient(logits), k=k).indices
+    return tf.gather(logits, top_ids, batch_dims=1), top_ids
+
+
 class NoisyTopKGate(keras.layers.Layer):
     """The paper's noisy top-k gate.
 
@@ -118,8 +132,10 @@ class NoisyTopKGate(keras.layers.Layer):
         self.seed = seed
         self.num_groups = num_groups
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self._placement = None  # The MeshPlacement it was built under.
 
     def build(self, input_shape):
+        self._placement = sharding.current_placement()
         shape = _weight_shape(self.num_groups, input_shape[-1],
                               self.num_experts)
         self.gate_kernel = self.add_weight(
@@ -150,11 +166,18 @@ class NoisyTopKGate(keras.layers.Layer):
                 noise = keras.random.normal(
                     tf.shape(clean_logits), dtype=clean_logits.dtype,
                     seed=self.seed_generator)
+                if self._placement is not None:
+                    # Drawn whole on every device, so that the noise (and
+                    # the routing) is the same on any mesh as on one
+                    # device; DTensor would otherwise draw each shard's rows
+                    # from a stream of its own.
+                    noise = dtensor.relayout(
+                        noise, self._placement.replicated(2))
                 logits = clean_logits + noise * noise_stddev
         # With k+1 values the load estimator finds kth_excluding for every
         # expert from the same top_k call that picks the experts.
         num_top = min(self.k + 1, self.num_experts)
-        top_values, top_ids = tf.math.top_k(logits, k=num_top)
+        top_values, top_ids = top_k_with_gather_gradient(logits, num_top)
         expert_ids = top_ids[:, :self.k]
         gate_weights = tf.nn.softmax(top_values[:, :self.k], axis=-1)
         probability = None

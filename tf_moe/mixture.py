@@ -8,9 +8,12 @@ losses and records the metrics.
 
 import keras
 import tensorflow as tf
+from tensorflow.experimental import dtensor
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
+from tf_moe import grouped_dispatch
+from tf_moe import sharding
 from tf_moe.experts import Experts
 
 GATINGS = ("noisy_top_k", "batchwise")
@@ -86,6 +89,7 @@ class MixtureOfExperts(keras.layers.Layer):
         self.gate_initializer = keras.initializers.get(gate_initializer)
         self.seed = seed
         self.supports_masking = True
+        self._placement = None  # The MeshPlacement it was built under.
 
         metrics = ["importance_loss", "load_loss", "load_cv",
                    "dropped_fraction"]
@@ -112,6 +116,10 @@ class MixtureOfExperts(keras.layers.Layer):
                 "`inputs` must have a known last dimension (the model "
                 f"width d), got shape {tuple(input_shape)}.")
         self.model_dim = model_dim
+        # Built under a placement scope, the layer routes on its mesh.
+        self._placement = sharding.current_placement()
+        if self._placement is not None:
+            self._placement.check_num_experts(self.num_experts, self.name)
         self._build_gates(model_dim)
         self.experts = Experts(
             self.num_experts, self.hidden_size,
@@ -153,16 +161,12 @@ class MixtureOfExperts(keras.layers.Layer):
 
         gate_output, dropped_before_dispatch = self._route(
             tokens, token_mask, training)
-        plan = dispatch_lib.make_dispatch_plan(
-            gate_output.expert_ids, self.num_experts,
-            capacity=self._capacity(tokens, self.num_experts,
-                                    self.experts_per_token),
-            token_mask=token_mask, slot_mask=gate_output.slot_mask)
-        main, overflow = dispatch_lib.dispatch(tokens, plan)
-        expert_outputs = self.experts(main, overflow, plan.overflow_experts,
-                                      training=training)
-        outputs = dispatch_lib.combine(expert_outputs, plan,
-                                       gate_output.gate_weights)
+        if self._placement is None:
+            outputs, plan = self._run_experts(tokens, token_mask, gate_output,
+                                              training)
+        else:
+            outputs, plan = self._run_experts_on_mesh(
+                tokens, token_mask, gate_output, training)
 
         importance_loss, load_loss = balance.balancing_loss(
             gate_output.importance, gate_output.load,
@@ -177,6 +181,58 @@ class MixtureOfExperts(keras.layers.Layer):
         output_shape = tf.concat(
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
         return tf.reshape(outputs, output_shape)
+
+    def _run_experts(self, tokens, token_mask, gate_output, training):
+        """Dispatch, experts and combine on one device: `([T, d_out],
+        DispatchPlan)`."""
+        plan = dispatch_lib.make_dispatch_plan(
+            gate_output.expert_ids, self.num_experts,
+            capacity=self._capacity(tokens, self.num_experts,
+                                    self.experts_per_token),
+            token_mask=token_mask, slot_mask=gate_output.slot_mask)
+        main, overflow = dispatch_lib.dispatch(tokens, plan)
+        expert_outputs = self.experts(main, overflow, plan.overflow_experts,
+                                      training=training)
+        outputs = dispatch_lib.combine(expert_outputs, plan,
+                                       gate_output.gate_weights)
+        return outputs, plan
+
+    def _run_experts_on_mesh(self, tokens, token_mask, gate_output,
+                             training):
+        """Each batch shard routes its tokens into its own `[E, C, d]`
+        buffers; relayouting them to the experts' devices and back is the
+        all-to-all. Returns `([T, d_out], GroupedPlan)`."""
+        placement = self._placement
+        num_groups = placement.num_batch_shards
+        num_tokens = tokens.shape[0]
+        if num_tokens is None:
+            raise ValueError(
+                f"{self.name}: on a mesh the number of tokens must be static "
+                "(call the layer inside a tf.function traced on the batch).")
+        placement.check_batch(num_tokens, what="number of tokens")
+        group_size = num_tokens // num_groups
+        capacity_factor = self.capacity_factor or placement.capacity_factor
+        capacity = dispatch_lib.fixed_capacity(
+            group_size, self.num_experts, self.experts_per_token,
+            capacity_factor)
+
+        def grouped(x):
+            return None if x is None else tf.reshape(
+                x, [num_groups, group_size] + x.shape[1:].as_list())
+
+        plan = grouped_dispatch.make_grouped_plan(
+            grouped(gate_output.expert_ids), self.num_experts, capacity,
+            token_mask=grouped(token_mask),
+            slot_mask=grouped(gate_output.slot_mask))
+        buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
+                                            self.num_experts)
+        buffers = dtensor.relayout(buffers, placement.buffer_layout())
+        expert_outputs = self.experts(buffers, training=training)
+        expert_outputs = dtensor.relayout(
+            expert_outputs, placement.batch_sharded(4))
+        outputs = grouped_dispatch.combine(
+            expert_outputs, plan, grouped(gate_output.gate_weights))
+        return tf.reshape(outputs, [num_tokens, -1]), plan
 
     def _capacity(self, tokens, num_experts, experts_per_token):
         """The fixed per-expert capacity, or None (dropless)."""

@@ -1,9 +1,15 @@
-"""Shared test setup: quiet TensorFlow, deterministic seeds per test."""
+"""Shared test setup: quiet TensorFlow, 8 logical CPU devices for the mesh
+tests, deterministic seeds per test."""
 
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from tf_moe import sharding  # noqa: E402
+
+# Before TensorFlow initialises its devices: meshes of up to 8 devices.
+sharding.configure_logical_cpus(8)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

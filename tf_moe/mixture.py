@@ -6,6 +6,8 @@ dispatches them to the experts, combines the outputs, adds the balancing
 losses and records the metrics.
 """
 
+import threading
+
 import keras
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -90,6 +92,7 @@ class MixtureOfExperts(keras.layers.Layer):
         self.seed = seed
         self.supports_masking = True
         self._placement = None  # The MeshPlacement it was built under.
+        self._loss_threads = {}  # id(loss) -> the thread that added it.
 
         metrics = ["importance_loss", "load_loss", "load_cv",
                    "dropped_fraction"]
@@ -182,6 +185,28 @@ class MixtureOfExperts(keras.layers.Layer):
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
         return tf.reshape(outputs, output_shape)
 
+    def add_loss(self, loss):
+        super().add_loss(loss)
+        self._loss_threads[id(loss)] = threading.get_ident()
+
+    def _clear_losses(self):
+        super()._clear_losses()
+        self._loss_threads.clear()
+
+    def _get_own_losses(self):
+        # MirroredStrategy runs its replicas as threads that take turns at
+        # every cross-replica sync, and Keras keeps a layer's losses in one
+        # list. The all-reduce of Importance and Load comes before add_loss,
+        # so replica r would read the r+1 losses added so far (the reported
+        # loss, not the gradients, which are per thread). Each replica
+        # keeps to its own.
+        losses = super()._get_own_losses()
+        if tf.distribute.get_strategy().num_replicas_in_sync == 1:
+            return losses
+        thread = threading.get_ident()
+        return [loss for loss in losses
+                if self._loss_threads.get(id(loss), thread) == thread]
+
     def _run_experts(self, tokens, token_mask, gate_output, training):
         """Dispatch, experts and combine on one device: `([T, d_out],
         DispatchPlan)`."""
@@ -245,16 +270,22 @@ class MixtureOfExperts(keras.layers.Layer):
             num_tokens, num_experts, experts_per_token, self.capacity_factor)
 
     def _record_routing(self, plan, dropped_before_dispatch, losses):
-        counts = tf.cast(plan.expert_counts, tf.float32)
-        dropped_before = tf.cast(dropped_before_dispatch, tf.float32)
+        # Counts over the whole batch, all data-parallel replicas included.
+        counts_and_drops = balance.sum_over_replicas(tf.concat([
+            tf.cast(plan.expert_counts, tf.float32),
+            tf.cast(tf.stack([plan.num_dropped, dropped_before_dispatch]),
+                    tf.float32)], axis=0))
+        counts = counts_and_drops[:self.num_experts]
+        num_dropped, dropped_before = tf.unstack(
+            counts_and_drops[self.num_experts:])
         routed = tf.reduce_sum(counts) + dropped_before
         values = dict(losses)
         values["load_cv"] = tf.sqrt(balance.cv_squared(counts))
         values["dropped_fraction"] = tf.math.divide_no_nan(
-            tf.cast(plan.num_dropped, tf.float32) + dropped_before, routed)
+            num_dropped + dropped_before, routed)
         for metric, value in values.items():
             self._metric_trackers[metric].update_state(value)
-        self.expert_token_counts.assign(plan.expert_counts)
+        self.expert_token_counts.assign(tf.cast(counts, tf.int32))
 
     def compute_output_shape(self, input_shape):
         output_size = self.output_size or input_shape[-1]

@@ -60,22 +60,29 @@ def parse_mesh_shape(spec):
     return items
 
 
-def make_mesh(spec, device_type="CPU"):
+def make_mesh(spec, device_type="CPU", devices=None):
     """A mesh over this job's devices (all clients' in multi-client mode).
 
     Args:
         spec: axis sizes, `"batch:2,expert:4"` or `{"batch": 2, ...}`; their
             product must be the number of devices.
         device_type: "CPU", "GPU" or "TPU".
+        devices: optional local device names (e.g. `["CPU:0", "CPU:1"]`) for
+            a mesh over some of this process's devices; all of the job's
+            devices by default.
     """
     dims = parse_mesh_shape(spec)
     size = int(np.prod([s for _, s in dims]))
-    available = dtensor.num_global_devices(device_type)
+    available = (len(devices) if devices is not None
+                 else dtensor.num_global_devices(device_type))
     if size != available:
         raise ValueError(
-            f"mesh {spec!r} has {size} devices but this job has {available} "
-            f"{device_type} devices (configure logical devices or launch more "
-            "clients).")
+            f"mesh {spec!r} has {size} devices but "
+            + (f"{available} were given" if devices is not None else
+               f"this job has {available} {device_type} devices (configure "
+               "logical devices or launch more clients)") + ".")
+    if devices is not None:
+        return dtensor.create_mesh(dims, devices=list(devices))
     if dtensor.num_clients() > 1:
         return dtensor.create_distributed_mesh(dims, device_type=device_type)
     return dtensor.create_mesh(dims, device_type=device_type)

@@ -1,0 +1,312 @@
+"""MoE on a DTensor mesh and under tf.distribute, against one device.
+
+tests/conftest.py splits the CPU into 8 logical devices.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+import tf_moe
+from tf_moe import grouped_dispatch
+from tf_moe import sharding
+from tf_moe import dispatch as dispatch_lib
+
+NUM_EXPERTS = 8
+WIDTH = 6
+
+
+def _model(capacity_factor=4.0, **moe_kwargs):
+    # capacity_factor 4 = E/k: a shard can never overflow an expert, so
+    # the mesh keeps every token the dropless single-device layer keeps.
+    keras.utils.set_random_seed(7)
+    return keras.Sequential([
+        keras.Input((WIDTH,)),
+        keras.layers.Dense(8),
+        tf_moe.MoE(NUM_EXPERTS, 16, k=2, capacity_factor=capacity_factor,
+                   **moe_kwargs),
+        keras.layers.Dense(1),
+    ])
+
+
+def _batch(num=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(num, WIDTH)).astype("float32"),
+            rng.normal(size=(num, 1)).astype("float32"))
+
+
+def _single_device_gradients(model, x, y):
+    @tf.function
+    def gradients():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+            loss += tf.add_n(model.losses)
+        return tape.gradient(loss, model.trainable_variables)
+
+    return gradients()
+
+
+def _single_device_steps(model, optimizer, x, y, steps):
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
+            loss += tf.add_n(model.losses)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+        return loss
+
+    return [float(step()) for _ in range(steps)]
+
+
+def _mesh_model(spec, **kwargs):
+    mesh = sharding.make_mesh(spec)
+    axes = list(mesh.dim_names)
+    placement = sharding.MeshPlacement(mesh, batch_axis=axes[0],
+                                       expert_axis=axes[-1])
+    with placement.scope():
+        model = _model(**kwargs)
+        optimizer = keras.optimizers.Adam(0.01)
+    trainer = sharding.MeshTrainer(model, optimizer, "mse", placement)
+    return model, optimizer, trainer, placement
+
+
+@pytest.mark.parametrize("spec", ["batch:1,expert:8", "batch:2,expert:4",
+                                  "batch:4,expert:2", "batch:8,expert:1",
+                                  "devices:8"])
+def test_mesh_step_equals_single_device(spec):
+    x, y = _batch()
+    single = _model()
+    single_optimizer = keras.optimizers.Adam(0.01)
+    model, _, trainer, placement = _mesh_model(spec)
+    # Same weights, same routing (the noise is drawn whole on every device).
+    sharding.set_weights(model, single.get_weights())
+
+    # Gradients first (on both: each draws the gate noise once), then steps.
+    with placement.scope():
+        _, mesh_gradients = trainer._gradients(placement.shard_batch(x),
+                                               placement.shard_batch(y))
+    for got, want in zip(mesh_gradients,
+                         _single_device_gradients(single, x, y)):
+        np.testing.assert_allclose(sharding.to_numpy(got), want.numpy(),
+                                   atol=1e-5)
+    losses = [trainer.train_step(x, y) for _ in range(3)]
+    np.testing.assert_allclose(
+        losses, _single_device_steps(single, single_optimizer, x, y, 3),
+        rtol=1e-5)
+    for got, want in zip(model.weights, single.weights):
+        np.testing.assert_allclose(sharding.to_numpy(got), want.numpy(),
+                                   atol=1e-5, err_msg=want.path)
+
+
+def test_expert_weights_and_optimizer_slots_are_sharded():
+    model, optimizer, trainer, placement = _mesh_model("batch:2,expert:4")
+    trainer.train_step(*_batch())
+    experts = model.layers[1].experts
+    expert_weights = [experts.kernel_in, experts.bias_in, experts.kernel_out,
+                      experts.bias_out]
+    ids = {id(v) for v in expert_weights}
+    slots = [s for s in optimizer.variables
+             if "experts" in s.path and ("momentum" in s.path
+                                         or "velocity" in s.path)]
+    assert len(slots) == 2 * len(expert_weights)
+    for variable in expert_weights + slots:
+        layout = dtensor.fetch_layout(variable.value)
+        assert layout.sharding_specs[0] == "expert", variable.path
+        shards = dtensor.unpack(variable.value.read_value())
+        assert len(shards) == 8
+        for shard in shards:  # every device holds E/4 = 2 experts
+            assert shard.shape == (NUM_EXPERTS // 4,) + variable.shape[1:]
+    gate = model.layers[1].gate.gate_kernel
+    assert all(spec == dtensor.UNSHARDED
+               for spec in dtensor.fetch_layout(gate.value).sharding_specs)
+    assert len(ids) == 4
+
+
+def test_grouped_plan_equals_flat_plan_per_group(rng):
+    for _ in range(10):
+        groups, tokens, k, experts = (int(rng.integers(1, 4)),
+                                      int(rng.integers(1, 30)),
+                                      int(rng.integers(1, 4)), 6)
+        ids = np.stack([[rng.choice(experts, k, replace=False)
+                         for _ in range(tokens)] for _ in range(groups)])
+        mask = rng.random((groups, tokens)) > 0.2
+        capacity = int(rng.integers(1, 6))
+        plan = grouped_dispatch.make_grouped_plan(ids, experts, capacity,
+                                                  token_mask=mask)
+        dropped = 0
+        for g in range(groups):
+            flat = dispatch_lib.make_dispatch_plan(
+                ids[g], experts, capacity=capacity, token_mask=mask[g])
+            np.testing.assert_array_equal(plan.slot_row[g],
+                                          flat.slot_buffer_row)
+            np.testing.assert_array_equal(plan.row_slot[g], flat.buffer_slot)
+            dropped += int(flat.num_dropped)
+        assert int(plan.num_dropped) == dropped
+
+
+def test_mesh_errors_name_the_problem():
+    mesh = sharding.make_mesh("batch:2,expert:4")
+    with pytest.raises(ValueError, match="`expert_axis` 'experts' is not"):
+        sharding.MeshPlacement(mesh, expert_axis="experts")
+    with pytest.raises(ValueError, match="has 6 devices but this job has 8"):
+        sharding.make_mesh("batch:2,expert:3")
+    with pytest.raises(ValueError, match="axis:size"):
+        sharding.make_mesh("batch=2")
+    placement = sharding.MeshPlacement(mesh)
+    with placement.scope():
+        with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
+            tf_moe.MoE(6, 4, k=2).build((None, 3))
+    with pytest.raises(ValueError, match="batch of 5 is not divisible by the "
+                                         "size 2 of mesh axis 'batch'"):
+        placement.shard_batch(np.zeros((5, 3)))
+
+
+def _reshard_mesh(spec, devices):
+    mesh = sharding.make_mesh(spec, devices=[f"CPU:{i}" for i in devices])
+    return sharding.MeshPlacement(mesh)
+
+
+def test_checkpoint_reshards_across_meshes_and_to_one_device(tmp_path):
+    x, y = _batch()
+    model, optimizer, trainer, _ = _mesh_model("batch:2,expert:4")
+    for _ in range(2):
+        trainer.train_step(x, y)
+    path = tf.train.Checkpoint(model=model, optimizer=optimizer).write(
+        str(tmp_path / "mesh8"))
+    expected = [sharding.to_numpy(v) for v in model.weights
+                + optimizer.variables]
+
+    def restored_values(placement):
+        scope = placement.scope() if placement else _no_scope()
+        with scope:
+            copy = _model()
+            copy_optimizer = keras.optimizers.Adam(0.01)
+        if placement:
+            sharding.MeshTrainer(copy, copy_optimizer, "mse", placement)
+        else:
+            copy_optimizer.build(copy.trainable_variables)
+        tf.train.Checkpoint(model=copy, optimizer=copy_optimizer).read(
+            path).assert_consumed()
+        return copy, [sharding.to_numpy(v)
+                      for v in copy.weights + copy_optimizer.variables]
+
+    for placement in (_reshard_mesh("batch:2,expert:2", range(4)),
+                      _reshard_mesh("batch:1,expert:2", range(2)), None):
+        _, values = restored_values(placement)
+        for got, want in zip(values, expected):
+            np.testing.assert_allclose(got, want, atol=0)
+
+    # A single-device checkpoint onto a mesh.
+    single = _model()
+    single_optimizer = keras.optimizers.Adam(0.01)
+    _single_device_steps(single, single_optimizer, x, y, 1)
+    path = tf.train.Checkpoint(model=single, optimizer=single_optimizer).write(
+        str(tmp_path / "single"))
+    expected = [v.numpy() for v in single.weights + single_optimizer.variables]
+    _, values = restored_values(_reshard_mesh("batch:2,expert:2", range(4)))
+    for got, want in zip(values, expected):
+        np.testing.assert_allclose(got, want, atol=0)
+
+
+class _no_scope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *args):
+        return False
+
+
+def test_mesh_model_exports_and_serves_on_one_device(tmp_path):
+    x, y = _batch()
+    model, _, trainer, _ = _mesh_model("devices:8")
+    trainer.train_step(x, y)
+    single = sharding.to_single_device(model)
+    assert all(not isinstance(v.value, dtensor.DVariable)
+               for v in single.weights)
+    export_dir = str(tmp_path / "export")
+    single.export(export_dir, verbose=False)
+    np.save(tmp_path / "probe.npy", x[:4])
+    np.save(tmp_path / "expected.npy", single.predict(x[:4], verbose=0))
+    script = textwrap.dedent(f"""
+        import sys
+        sys.modules["tf_moe"] = None  # any import of tf_moe now fails
+        import numpy as np
+        import tensorflow as tf
+        served = tf.saved_model.load({export_dir!r})
+        out = served.serve(tf.constant(np.load("probe.npy"))).numpy()
+        np.testing.assert_allclose(out, np.load("expected.npy"), atol=1e-5)
+        print("served", out.shape)
+    """)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            cwd=str(tmp_path), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "served (4, 1)" in result.stdout
+
+
+def _mirrored():
+    # Reductions through one device rather than collective ops: collective
+    # group keys are process-wide, and the DTensor meshes of the tests
+    # above have taken some with other group sizes.
+    return tf.distribute.MirroredStrategy(
+        [f"/CPU:{i}" for i in range(4)],
+        cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def test_mirrored_fit_equals_single_device_fit():
+    # Without noise the routing is deterministic, so replicas (4 tokens
+    # each) and one device (16) route alike; the importance loss needs the
+    # all-reduced Importance to match.
+    x, y = _batch(num=64)
+
+    def fitted(strategy):
+        with strategy.scope():
+            model = _model(capacity_factor=None, noisy_gating=False,
+                           importance_weight=1.0)
+            model.compile(keras.optimizers.Adam(0.01), "mse")
+        history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False,
+                            verbose=0)
+        return model, history.history
+
+    single, single_logs = fitted(tf.distribute.get_strategy())
+    mirrored, mirrored_logs = fitted(_mirrored())
+    np.testing.assert_allclose(mirrored_logs["loss"], single_logs["loss"],
+                               rtol=1e-5)
+    for got, want in zip(mirrored.weights, single.weights):
+        np.testing.assert_allclose(np.asarray(got.numpy()), want.numpy(),
+                                   atol=1e-5, err_msg=want.path)
+
+
+def test_mirrored_balancing_losses_equal_single_device():
+    # Importance and Load are all-reduced before their CV^2: each replica's
+    # add_loss term equals the single-device loss on the global batch.
+    x, _ = _batch(num=16)
+    model = _model(capacity_factor=None)
+    model(x)
+    want = float(tf.add_n(model.losses))
+    strategy = _mirrored()
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensor_slices(x).batch(16))
+
+    @tf.function
+    def replica_losses(batch):
+        def run(tokens):
+            model(tokens)
+            return tf.add_n(model.losses)
+        return strategy.run(run, args=(batch,))
+
+    losses = strategy.experimental_local_results(
+        replica_losses(next(iter(dataset))))
+    assert len(losses) == 4
+    for loss in losses:
+        np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+    assert want > 1e-4  # the check is not vacuous

@@ -310,3 +310,49 @@ def test_mirrored_balancing_losses_equal_single_device():
     for loss in losses:
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     assert want > 1e-4  # the check is not vacuous
+
+
+def _free_ports(count):
+    import socket
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_clients_end_with_the_weights_of_one_process(tmp_path):
+    # Two processes on 127.0.0.1 stand for two hosts, 4 devices each.
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [sys.executable, "-m", "trainers.mesh_demo",
+               "--mesh=batch:2,expert:4", "--steps=3"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    one = subprocess.run(
+        command + ["--local_devices=8", f"--output={tmp_path / 'one.npz'}"],
+        env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    jobs = ",".join(f"localhost:{port}" for port in _free_ports(2))
+    clients = [subprocess.Popen(
+        command + ["--local_devices=4", f"--output={tmp_path / 'two.npz'}"],
+        env=dict(env, DTENSOR_CLIENT_ID=str(client), DTENSOR_NUM_CLIENTS="2",
+                 DTENSOR_JOB_NAME="worker", DTENSOR_JOBS=jobs),
+        cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for client in range(2)]
+    outputs = [client.communicate(timeout=300) for client in clients]
+    for client, (stdout, stderr) in zip(clients, outputs):
+        assert client.returncode == 0, stderr[-3000:]
+        assert "step 2 loss" in stdout
+    one_losses = [line.split()[-1] for line in one.stdout.splitlines()
+                  if " loss " in line]
+    two_losses = [line.split()[-1] for line in outputs[1][0].splitlines()
+                  if " loss " in line]
+    np.testing.assert_allclose(np.array(two_losses, float),
+                               np.array(one_losses, float), rtol=1e-5)
+    single, multi = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert sorted(single.files) == sorted(multi.files)
+    for name in single.files:
+        np.testing.assert_allclose(multi[name], single[name], atol=1e-5,
+                                   err_msg=name)

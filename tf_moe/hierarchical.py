@@ -135,6 +135,15 @@ class HierarchicalMoE(MixtureOfExperts):
                 experts_per_group, k_secondary, num_groups=num_groups,
                 name="secondary_gate", **noise, **secondary_kwargs)
 
+    def _check_mesh_support(self):
+        # Its group dispatch (tokens into group buffers for the secondary
+        # gates) is the dynamic single-device plan, whose searchsorted has
+        # no DTensor layout propagation.
+        raise ValueError(
+            f"{self.name}: HierarchicalMoE cannot be built on a DTensor mesh "
+            "yet (built under a MeshPlacement scope); train it data-parallel "
+            "under tf.distribute, or use MoE on the mesh.")
+
     def _build_gates(self, model_dim):
         self.primary_gate.build((None, model_dim))
         self.secondary_gate.build((None, model_dim))

@@ -164,6 +164,11 @@ def test_mesh_errors_name_the_problem():
     with placement.scope():
         with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
             tf_moe.MoE(6, 4, k=2).build((None, 3))
+        with pytest.raises(ValueError, match="HierarchicalMoE cannot be "
+                                             "built on a DTensor mesh"):
+            tf_moe.HierarchicalMoE(2, 4, 4).build((None, 3))
+        with pytest.raises(ValueError, match="gating='batchwise' cannot run"):
+            tf_moe.MoE(8, 4, k=2, gating="batchwise").build((None, 3))
     with pytest.raises(ValueError, match="batch of 5 is not divisible by the "
                                          "size 2 of mesh axis 'batch'"):
         placement.shard_batch(np.zeros((5, 3)))

@@ -139,6 +139,13 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def _check_mesh_support(self):
         """Raises if this layer cannot be built on a mesh."""
+        if self.gating == "batchwise":
+            # Tokens get a variable number of experts: a dynamic k, which
+            # the mesh's static per-shard plan does not take.
+            raise ValueError(
+                f"{self.name}: gating='batchwise' cannot run on a DTensor "
+                "mesh yet; use 'noisy_top_k' there, or train data-parallel "
+                "under tf.distribute.")
 
     def _build_gates(self, model_dim):
         """Builds the subclass's gates for inputs of width `model_dim`."""

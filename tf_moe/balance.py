@@ -31,7 +31,8 @@ def cv_squared(values):
 
 
 def sum_over_replicas(value):
-    """Sums a batch statistic over `tf.distribute` replicas.
+    """Sums batch statistics (a tensor or a list) over `tf.distribute`
+    replicas.
 
     Under a data-parallel strategy each replica sees a shard of the batch,
     but Importance and Load are sums over the whole batch, and CV^2 of a
@@ -39,6 +40,9 @@ def sum_over_replicas(value):
     replica computes the single-device loss (Keras divides each replica's
     `add_loss` terms by the number of replicas, and the gradient of the
     all-reduce is the all-reduce of the gradients). Identity on one replica.
+
+    Replicas must issue their all-reduces in the same order, so a layer
+    makes one call per stage, each depending on the one before.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
@@ -55,14 +59,13 @@ def importance(expert_ids, gate_weights, num_experts):
         num_experts: E.
 
     Returns:
-        `[E]` importance over the whole batch (all replicas),
-        differentiable with respect to `gate_weights`.
+        `[E]` importance, differentiable with respect to `gate_weights`.
     """
-    return sum_over_replicas(tf.math.unsorted_segment_sum(
+    return tf.math.unsorted_segment_sum(
         tf.reshape(gate_weights, [-1]),
         tf.reshape(expert_ids, [-1]),
         num_experts,
-    ))
+    )
 
 
 def normal_cdf(x):
@@ -115,7 +118,7 @@ def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,
                                           noise_stddev, top_values, k)
     if token_weights is not None:
         probabilities *= tf.cast(token_weights, probabilities.dtype)[:, None]
-    return sum_over_replicas(tf.reduce_sum(probabilities, axis=0))
+    return tf.reduce_sum(probabilities, axis=0)
 
 
 def balancing_loss(importance_values, load_values, importance_weight,

@@ -201,8 +201,8 @@ class NoisyTopKGate(keras.layers.Layer):
                 probability *= token_weights
         importance = balance.importance(routing.expert_ids, gate_weights,
                                         self.num_experts)
-        load = (None if probability is None else balance.sum_over_replicas(
-            tf.reduce_sum(probability, axis=0)))
+        load = (None if probability is None
+                else tf.reduce_sum(probability, axis=0))
         return GateOutput(routing.expert_ids, gate_weights, importance, load)
 
     def get_config(self):

@@ -243,12 +243,16 @@ class HierarchicalMoE(MixtureOfExperts):
     def _hierarchical_load(self, primary_load, rows):
         """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""
         row_weights = tf.cast(rows.row_valid, primary_load.dtype)
-        group_load = balance.sum_over_replicas(tf.math.unsorted_segment_sum(
+        group_load = tf.math.unsorted_segment_sum(
             rows.routing.selection_probability * row_weights[:, None],
-            rows.row_groups, self.num_groups))  # [G, B]
-        group_tokens = balance.sum_over_replicas(
-            tf.math.unsorted_segment_sum(row_weights, rows.row_groups,
-                                         self.num_groups))  # [G]
+            rows.row_groups, self.num_groups)  # [G, B]
+        group_tokens = tf.math.unsorted_segment_sum(
+            row_weights, rows.row_groups, self.num_groups)  # [G]
+        # |X_i| and Load_i over all replicas' tokens; Load_primary stays
+        # local (the layer sums Load_H over replicas, and the factor below
+        # is the same on every replica).
+        group_load, group_tokens = balance.sum_over_replicas(
+            [group_load, group_tokens])
         per_token = tf.where(
             group_tokens[:, None] > 0,
             tf.math.divide_no_nan(group_load, group_tokens[:, None]),

@@ -182,15 +182,30 @@ class MixtureOfExperts(keras.layers.Layer):
             outputs, plan = self._run_experts_on_mesh(
                 tokens, token_mask, gate_output, training)
 
+        # Batch sums over all data-parallel replicas, in one all-reduce.
+        counts_and_drops = tf.concat([
+            tf.cast(plan.expert_counts, tf.float32),
+            tf.cast(tf.stack([plan.num_dropped, dropped_before_dispatch]),
+                    tf.float32)], axis=0)
+        statistics = [gate_output.importance, counts_and_drops]
+        if gate_output.load is not None:
+            statistics.append(gate_output.load)
+        if self.gating == "noisy_top_k":
+            # (Batchwise gating balances each replica's own batch; its
+            # dynamic shapes made replicas' collectives mismatch when
+            # all-reduced, measured with HierarchicalMoE.)
+            statistics = balance.sum_over_replicas(statistics)
+        importance, counts_and_drops = statistics[:2]
+        load = statistics[2] if gate_output.load is not None else None
+
         importance_loss, load_loss = balance.balancing_loss(
-            gate_output.importance, gate_output.load,
-            self.importance_weight, self.load_weight)
+            importance, load, self.importance_weight, self.load_weight)
         losses = {"importance_loss": importance_loss,
                   "load_loss": load_loss}
         if gate_output.threshold_loss is not None:
             losses["threshold_loss"] = gate_output.threshold_loss
         self.add_loss(tf.add_n(list(losses.values())))
-        self._record_routing(plan, dropped_before_dispatch, losses)
+        self._record_routing(counts_and_drops, losses)
 
         output_shape = tf.concat(
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
@@ -280,12 +295,9 @@ class MixtureOfExperts(keras.layers.Layer):
         return dispatch_lib.fixed_capacity(
             num_tokens, num_experts, experts_per_token, self.capacity_factor)
 
-    def _record_routing(self, plan, dropped_before_dispatch, losses):
-        # Counts over the whole batch, all data-parallel replicas included.
-        counts_and_drops = balance.sum_over_replicas(tf.concat([
-            tf.cast(plan.expert_counts, tf.float32),
-            tf.cast(tf.stack([plan.num_dropped, dropped_before_dispatch]),
-                    tf.float32)], axis=0))
+    def _record_routing(self, counts_and_drops, losses):
+        """Metrics and counts from `[E + 2]` float32: each expert's routed
+        slots, then the slots dropped at dispatch and before it."""
         counts = counts_and_drops[:self.num_experts]
         num_dropped, dropped_before = tf.unstack(
             counts_and_drops[self.num_experts:])

@@ -1,10 +1,5 @@
 """MoE inside Keras models: fit, metrics, callbacks, saving and export."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
@@ -12,6 +7,7 @@ import tensorflow as tf
 
 import tf_moe
 import layer_kinds
+import serving
 
 
 def _data(num=128, steps=6, width=8, seed=0):
@@ -169,27 +165,9 @@ def test_export_serves_in_a_fresh_process_without_tf_moe(kind, tmp_path):
     export_dir = str(tmp_path / "export")
     model.export(export_dir, verbose=False)
     probe = x[:5, :4]
-    np.save(tmp_path / "probe.npy", probe)
-    np.save(tmp_path / "expected.npy", model.predict(probe, verbose=0))
-
-    script = textwrap.dedent(f"""
-        import sys
-        sys.modules["tf_moe"] = None  # any import of tf_moe now fails
-        import numpy as np
-        import tensorflow as tf
-        served = tf.saved_model.load({export_dir!r})
-        probe = np.load({str(tmp_path / "probe.npy")!r})
-        out = served.serve(tf.constant(probe)).numpy()
-        np.testing.assert_allclose(out, np.load({str(tmp_path / "expected.npy")!r}),
-                                   atol=1e-5)
-        print("served", out.shape)
-    """)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", script], env=env,
-                            cwd=str(tmp_path), capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "served (5, 4, 3)" in result.stdout
+    stdout = serving.serve_in_fresh_process(
+        export_dir, probe, model.predict(probe, verbose=0), tmp_path)
+    assert "served (5, 4, 3)" in stdout
 
 
 def _clustered_task(seed=0, num=2048, width=8):

@@ -191,9 +191,8 @@ class MixtureOfExperts(keras.layers.Layer):
         if gate_output.load is not None:
             statistics.append(gate_output.load)
         if self.gating == "noisy_top_k":
-            # (Batchwise gating balances each replica's own batch; its
-            # dynamic shapes made replicas' collectives mismatch when
-            # all-reduced, measured with HierarchicalMoE.)
+            # (Batchwise gating balances each replica's own batch, m tokens
+            # per expert of it, so its statistics stay per replica too.)
             statistics = balance.sum_over_replicas(statistics)
         importance, counts_and_drops = statistics[:2]
         load = statistics[2] if gate_output.load is not None else None

@@ -27,6 +27,7 @@ setup(
             "tensorflow-datasets",
             "ml-collections",
             "sacrebleu",
+            "tensorboard",
         ],
         "dev": [
             "pytest",

@@ -1,0 +1,1 @@
+"""Language-model configs: `python -m trainers.lm --config=configs/lm/<name>.py`."""

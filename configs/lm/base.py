@@ -1,0 +1,63 @@
+"""Every field of a language-model config, at the paper's values.
+
+Configs build on `base_config()` and change what differs; a field not here
+is an error (`--config.no_such_field=1` fails before training starts).
+The paper (appendix C): embedding, LSTM and MoE all 512 wide; experts with
+one ReLU hidden layer of 1024; k=4 (flat) or 2 per level (hierarchical);
+w_importance = w_load = 0.1; Adam, 1000 warm-up steps then inverse-square-
+root decay; a sampled softmax over its 793k-word vocabulary.
+"""
+
+import ml_collections
+
+
+def base_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.source = "embedded"  # "embedded", "text" or "lm1b".
+    data.train_path = ""  # For source "text": one sentence per line.
+    data.valid_path = ""
+    data.test_path = ""
+    data.tfds_data_dir = ""  # For source "lm1b" (tfds's default if empty).
+    data.vocab_size = 32000  # WordPiece pieces learned from train.
+    data.vocab_sentences = 1_000_000  # Train sentences the vocab is learned on.
+    data.max_len = 128  # Longer sentences (in pieces) are left out.
+    data.tokens_per_batch = 8192  # Padded tokens per global batch.
+    data.shuffle_buffer = 100_000
+
+    config.model = model = ml_collections.ConfigDict()
+    model.blocks = ("lstm", "moe", "lstm")
+    model.d_model = 512
+    model.dropout = 0.1
+    model.num_experts = 32
+    model.k = 4
+    model.expert_hidden = 1024
+    model.gating = "noisy_top_k"
+    model.noisy_gating = True
+    model.importance_weight = 0.1
+    model.load_weight = 0.1
+    model.capacity_factor = ml_collections.config_dict.placeholder(float)
+    model.num_groups = 16  # Hierarchical ("hmoe") blocks.
+    model.experts_per_group = 16
+    model.k_primary = 2
+    model.k_secondary = 2
+    model.ffn_hidden = (4096,)  # Dense "ffn" blocks (MoE-1-Wide / -Deep).
+    model.projected_lstm_units = 2048  # "projected_lstm" (LSTM-2048-512).
+    model.num_sampled = 0  # > 0: sampled softmax over this many classes.
+
+    config.train = train = ml_collections.ConfigDict()
+    train.steps = 27_000
+    train.learning_rate = 1e-3
+    train.warmup_steps = 1000
+    train.clip_norm = 1.0  # Global norm; 0 for none.
+    train.log_every = 50
+    train.checkpoint_every = 500
+    train.checkpoints_to_keep = 3
+    train.eval_every = 0  # 0: evaluate at the end only.
+
+    config.sample = sample = ml_collections.ConfigDict()
+    sample.max_tokens = 30
+    sample.temperature = 1.0
+    return config

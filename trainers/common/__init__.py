@@ -1,0 +1,2 @@
+"""What the LM and NMT trainers share: text, schedules, the training loop,
+checkpoints, distribution and logging."""

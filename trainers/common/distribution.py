@@ -1,0 +1,217 @@
+"""One training step under the trainers' three distributions.
+
+    none      one device
+    mirrored  tf.distribute.MirroredStrategy over the local devices (GPUs,
+              else the logical CPUs): the global batch is split into equal
+              row blocks, one per replica; gradients are summed.
+    dtensor   a DTensor mesh (`--mesh=batch:2,expert:4`): expert weights
+              sharded over the expert axis, the batch over the batch axis
+              (tf_moe.sharding).
+
+Every distribution computes the same objective on the same global batch:
+`sum(nll) / tokens(global batch) + balancing losses`, so a run gives the
+same numbers under each, up to float rounding (and, in training, the
+random draws of dropout and gate noise, which follow the batch split).
+"""
+
+import contextlib
+
+import numpy as np
+import tensorflow as tf
+
+from tf_moe import sharding
+
+KINDS = ("none", "mirrored", "dtensor")
+
+
+def pad_rows(batch, multiple):
+    """Pads every `[batch, ...]` array of a dict with zero rows to a multiple
+    of `multiple` (zero rows are padding: they carry no tokens)."""
+    rows = next(iter(batch.values())).shape[0]
+    extra = -rows % multiple
+    if not extra:
+        return batch
+    return {key: np.concatenate(
+        [value, np.zeros((extra,) + value.shape[1:], value.dtype)])
+        for key, value in batch.items()}
+
+
+class Distribution:
+    """Builds variables in its scope and runs compiled steps on global
+    batches (dicts of numpy arrays).
+
+    Args:
+        kind: one of KINDS.
+        mesh: the mesh spec for "dtensor" (e.g. "batch:2,expert:4").
+        batch_axis, expert_axis: the mesh axes' names.
+    """
+
+    def __init__(self, kind="none", mesh="", batch_axis="batch",
+                 expert_axis="expert"):
+        if kind not in KINDS:
+            raise ValueError(f"--distribution must be one of {KINDS}, got "
+                             f"{kind!r}.")
+        if kind == "dtensor" and not mesh:
+            raise ValueError("--distribution=dtensor needs --mesh (e.g. "
+                             "--mesh=batch:2,expert:4).")
+        if kind != "dtensor" and mesh:
+            raise ValueError(f"--mesh is only used with "
+                             f"--distribution=dtensor, not {kind!r}.")
+        self.kind = kind
+        self.strategy = None
+        self.placement = None
+        if kind == "mirrored":
+            self.strategy = tf.distribute.MirroredStrategy(
+                cross_device_ops=tf.distribute.ReductionToOneDevice())
+        elif kind == "dtensor":
+            device_type = "GPU" if tf.config.list_logical_devices("GPU") \
+                else "CPU"
+            self.placement = sharding.MeshPlacement(
+                sharding.make_mesh(mesh, device_type), batch_axis,
+                expert_axis)
+
+    @property
+    def num_replicas(self):
+        """The row blocks a global batch is split into."""
+        if self.strategy is not None:
+            return self.strategy.num_replicas_in_sync
+        if self.placement is not None:
+            return self.placement.num_batch_shards
+        return 1
+
+    def scope(self):
+        if self.strategy is not None:
+            return self.strategy.scope()
+        if self.placement is not None:
+            return self.placement.scope()
+        return contextlib.nullcontext()
+
+    def check_experts(self, num_experts):
+        """Raises a clear error when experts cannot be split over the mesh."""
+        if self.placement is not None:
+            self.placement.check_num_experts(num_experts)
+
+    def _per_replica(self, batch):
+        """Row block r of every array of `batch` on replica r."""
+        replicas = self.num_replicas
+        return self.strategy.experimental_distribute_values_from_function(
+            lambda context: {
+                key: np.array_split(value, replicas)[
+                    context.replica_id_in_sync_group]
+                for key, value in batch.items()})
+
+    def compile(self, loss_fn, models, optimizer):
+        """A step `global batch -> stats` that applies one update.
+
+        Args:
+            loss_fn: `batch -> (nll_sum, stats)` on the part of the batch
+                this replica holds, in training mode; `stats` a dict of
+                scalars summed over the replicas (`nll_sum` is added as
+                "nll").
+            models: the Keras models whose `losses` (balancing terms) join
+                the objective.
+            optimizer: a Keras optimizer, built in `scope()`.
+        """
+        variables = [v for m in models for v in m.trainable_variables]
+        replicas = self.num_replicas
+
+        def objective(batch, tokens):
+            nll_sum, stats = loss_fn(batch)
+            aux = tf.add_n([tf.add_n(m.losses) for m in models if m.losses]
+                           or [tf.zeros([])])
+            # Gradients are summed over replicas: this sum is the global
+            # mean NLL per token plus the (all-reduced) balancing losses.
+            loss = nll_sum / tokens + aux / replicas
+            return loss, dict(stats, nll=nll_sum, aux=aux / replicas)
+
+        def gradients(batch, tokens):
+            with tf.GradientTape() as tape:
+                loss, stats = objective(batch, tokens)
+            return tape.gradient(loss, variables), stats
+
+        def apply(grads):
+            optimizer.apply(grads, variables)
+
+        if self.strategy is not None:
+            strategy = self.strategy
+
+            @tf.function(reduce_retracing=True)
+            def replica_step(batch, tokens):
+                def step(replica_batch):
+                    grads, stats = gradients(replica_batch, tokens)
+                    apply(grads)
+                    return stats
+                stats = strategy.run(step, args=(batch,))
+                return {key: strategy.reduce("SUM", value, axis=None)
+                        for key, value in stats.items()}
+
+            def run(batch):
+                batch = pad_rows(batch, replicas)
+                tokens = tf.constant(
+                    float(np.count_nonzero(batch["targets"])), tf.float32)
+                return replica_step(self._per_replica(batch), tokens)
+            return run
+
+        if self.placement is not None:
+            placement = self.placement
+            # Gradients and update in two functions: fused, DTensor lost
+            # Adam's first update (see tf_moe.sharding.MeshTrainer).
+            compiled_gradients = tf.function(gradients, reduce_retracing=True)
+            compiled_apply = tf.function(apply)
+
+            def run(batch):
+                batch = pad_rows(batch, replicas)
+                with placement.scope():
+                    tokens = placement.to_mesh(tf.constant(
+                        float(np.count_nonzero(batch["targets"]))))
+                    sharded = {key: placement.shard_batch(value)
+                               for key, value in batch.items()}
+                    grads, stats = compiled_gradients(sharded, tokens)
+                    compiled_apply(grads)
+                return {key: sharding.to_numpy(value)
+                        for key, value in stats.items()}
+            return run
+
+        @tf.function(reduce_retracing=True)
+        def single_step(batch, tokens):
+            grads, stats = gradients(batch, tokens)
+            apply(grads)
+            return stats
+
+        def run(batch):
+            tokens = tf.constant(
+                float(np.count_nonzero(batch["targets"])), tf.float32)
+            return single_step(batch, tokens)
+        return run
+
+    def compile_eval(self, stats_fn):
+        """`global batch -> stats` in inference mode (summed over replicas)."""
+        if self.strategy is not None:
+            strategy = self.strategy
+            replicas = self.num_replicas
+
+            @tf.function(reduce_retracing=True)
+            def replica_eval(batch):
+                stats = strategy.run(stats_fn, args=(batch,))
+                return {key: strategy.reduce("SUM", value, axis=None)
+                        for key, value in stats.items()}
+
+            def run(batch):
+                return replica_eval(
+                    self._per_replica(pad_rows(batch, replicas)))
+            return run
+
+        if self.placement is not None:
+            placement = self.placement
+            compiled = tf.function(stats_fn, reduce_retracing=True)
+
+            def run(batch):
+                batch = pad_rows(batch, self.num_replicas)
+                with placement.scope():
+                    stats = compiled({key: placement.shard_batch(value)
+                                      for key, value in batch.items()})
+                return {key: sharding.to_numpy(value)
+                        for key, value in stats.items()}
+            return run
+
+        return tf.function(stats_fn, reduce_retracing=True)

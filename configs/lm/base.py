@@ -61,3 +61,8 @@ def base_config():
     sample.max_tokens = 30
     sample.temperature = 1.0
     return config
+
+
+def get_config():
+    """The base fields as a config of their own (a paper-scale MoE-32)."""
+    return base_config()

@@ -39,7 +39,7 @@ class Checkpoints:
         for path in reversed(self.manager.checkpoints):
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, ValueError, AssertionError) as error:
+            except Exception as error:  # noqa: BLE001  Any damage at all.
                 logging.warning("checkpoint %s is unreadable (%s); falling "
                                 "back to the one before it", path,
                                 str(error).splitlines()[0])

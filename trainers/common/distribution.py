@@ -36,6 +36,25 @@ def pad_rows(batch, multiple):
         for key, value in batch.items()}
 
 
+def relaxed(function):
+    """`function(batch, *rest)` compiled once for every batch shape: the
+    signature, taken from the first batch, leaves every dimension open
+    (bucketed batches vary in both)."""
+    compiled = {}
+
+    def call(batch, *rest):
+        if "function" not in compiled:
+            spec = {key: tf.TensorSpec([None] * np.ndim(value),
+                                       tf.as_dtype(np.asarray(value).dtype))
+                    for key, value in batch.items()}
+            rest_spec = [tf.TensorSpec.from_tensor(tf.convert_to_tensor(r))
+                         for r in rest]
+            compiled["function"] = tf.function(
+                function, input_signature=[spec] + rest_spec)
+        return compiled["function"](batch, *rest)
+    return call
+
+
 class Distribution:
     """Builds variables in its scope and runs compiled steps on global
     batches (dicts of numpy arrays).
@@ -61,7 +80,14 @@ class Distribution:
         self.strategy = None
         self.placement = None
         if kind == "mirrored":
+            # All GPUs, else all (logical) CPUs: MirroredStrategy's own
+            # default takes one CPU only.
+            devices = (tf.config.list_logical_devices("GPU")
+                       or tf.config.list_logical_devices("CPU"))
+            # Reduction on one device, not collectives: collective group
+            # keys clash with a DTensor mesh in the same process.
             self.strategy = tf.distribute.MirroredStrategy(
+                [device.name for device in devices],
                 cross_device_ops=tf.distribute.ReductionToOneDevice())
         elif kind == "dtensor":
             device_type = "GPU" if tf.config.list_logical_devices("GPU") \
@@ -100,7 +126,7 @@ class Distribution:
                     context.replica_id_in_sync_group]
                 for key, value in batch.items()})
 
-    def compile(self, loss_fn, models, optimizer):
+    def compile(self, loss_fn, variables, optimizer, models):
         """A step `global batch -> stats` that applies one update.
 
         Args:
@@ -108,11 +134,11 @@ class Distribution:
                 this replica holds, in training mode; `stats` a dict of
                 scalars summed over the replicas (`nll_sum` is added as
                 "nll").
+            variables: the variables trained.
+            optimizer: a Keras optimizer, built in `scope()`.
             models: the Keras models whose `losses` (balancing terms) join
                 the objective.
-            optimizer: a Keras optimizer, built in `scope()`.
         """
-        variables = [v for m in models for v in m.trainable_variables]
         replicas = self.num_replicas
 
         def objective(batch, tokens):
@@ -172,7 +198,7 @@ class Distribution:
                         for key, value in stats.items()}
             return run
 
-        @tf.function(reduce_retracing=True)
+        @relaxed
         def single_step(batch, tokens):
             grads, stats = gradients(batch, tokens)
             apply(grads)
@@ -214,4 +240,4 @@ class Distribution:
                         for key, value in stats.items()}
             return run
 
-        return tf.function(stats_fn, reduce_retracing=True)
+        return relaxed(stats_fn)

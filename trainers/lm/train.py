@@ -75,6 +75,7 @@ class LanguageModelRun:
             data=self.train_iterator,
             rng=checkpoints_lib.random_states(self.body))
         self.restored_from = self.checkpoints.restore()
+        self._eval_fn = None  # Compiled on the first evaluation.
 
     @property
     def trainable_variables(self):
@@ -134,7 +135,7 @@ class LanguageModelRun:
         config = self.config.train
         step_fn = self.distribution.compile(
             lambda batch: self._stats(batch, training=True),
-            [self.body], self.optimizer)
+            self.trainable_variables, self.optimizer, [self.body])
         writer = tf.summary.create_file_writer(
             os.path.join(self.workdir, "train"))
         losses_path = os.path.join(self.workdir, "train_losses.jsonl")
@@ -203,7 +204,9 @@ class LanguageModelRun:
         batches, too_long = data_lib.eval_batches(
             self.config.data, self.tokenizer, split,
             self.distribution.num_replicas)
-        eval_fn = self.distribution.compile_eval(self._eval_stats)
+        if self._eval_fn is None:
+            self._eval_fn = self.distribution.compile_eval(self._eval_stats)
+        eval_fn = self._eval_fn
         nll = tokens = words = 0.0
         for batch in batches:
             stats = eval_fn({key: value.numpy()

@@ -1,0 +1,331 @@
+"""The language-model trainer: model, text, schedule, loop, resume, export."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from configs.lm import base
+from tests import lm_fixtures
+from trainers.common import checkpoints as checkpoints_lib
+from trainers.common import text
+from trainers.common.distribution import Distribution
+from trainers.common.schedule import WarmupInverseSqrt
+from trainers.lm import data as data_lib
+from trainers.lm import export as export_lib
+from trainers.lm import model as model_lib
+from trainers.lm.train import LanguageModelRun
+
+
+@pytest.fixture(scope="module")
+def text_splits(tmp_path_factory):
+    return lm_fixtures.write_text_splits(tmp_path_factory.mktemp("text"))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(text_splits, tmp_path_factory):
+    config = lm_fixtures.small_config(text_splits)
+    return text.Tokenizer(data_lib.vocabulary(
+        config.data, str(tmp_path_factory.mktemp("vocab"))))
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "train_losses.jsonl")) as f:
+        return {entry["step"]: entry["loss"]
+                for entry in map(json.loads, f)}
+
+
+# Schedule, text, model arithmetic -------------------------------------------
+
+
+def test_schedule_warms_up_linearly_then_decays_as_inverse_sqrt():
+    schedule = WarmupInverseSqrt(1.0, warmup_steps=4)
+    rates = [float(schedule(step)) for step in range(16)]
+    np.testing.assert_allclose(rates[:4], [0.25, 0.5, 0.75, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(rates[15], math.sqrt(4 / 16), rtol=1e-6)
+    held = WarmupInverseSqrt(2.0, warmup_steps=2, constant_steps=3)
+    np.testing.assert_allclose(
+        [float(held(step)) for step in (0, 1, 4, 19)],
+        [1.0, 2.0, 2.0, 2.0 * math.sqrt(5 / 20)], rtol=1e-6)
+
+
+def test_tokenizer_counts_words_and_round_trips(tokenizer):
+    ids, words = tokenizer.tokenize(tf.constant(
+        ["In the beginning, God created.", ""]))
+    # "in the beginning , god created ." : punctuation are words.
+    assert words.numpy().tolist() == [7, 0]
+    assert ids.row_lengths().numpy()[1] == 0
+    assert tokenizer.detokenize(ids).numpy()[0].decode() == (
+        "in the beginning , god created .")
+    assert int(tf.reduce_max(ids.flat_values)) < tokenizer.vocab_size
+
+
+def test_vocabulary_is_learned_once_and_kept(text_splits, tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    pieces = data_lib.vocabulary(config.data, str(tmp_path))
+    assert pieces[:4] == list(text.RESERVED_TOKENS)
+    assert 100 < len(pieces) <= config.data.vocab_size
+    config.data.vocab_size = 200  # A later run reads the saved file.
+    assert data_lib.vocabulary(config.data, str(tmp_path)) == pieces
+
+
+def test_paper_configs_have_the_papers_ops_per_timestep():
+    config = base.base_config().model
+    lstm = 4 * 512 * (512 + 512)  # 2M, as the paper says.
+    expert = 512 * 1024 + 1024 * 512  # 1M.
+    config.num_experts, config.k = 4, 4
+    assert model_lib.ops_per_timestep(config) == 2 * lstm + 4 * expert + 512 * 4
+    config.blocks = ("lstm", "hmoe", "lstm")
+    config.num_groups, config.experts_per_group = 16, 16
+    assert model_lib.ops_per_timestep(config) == (
+        2 * lstm + 4 * expert + 512 * 16 + 2 * 512 * 16)
+    config.blocks = ("projected_lstm",)
+    assert model_lib.ops_per_timestep(config) == (
+        4 * 2048 * (512 + 512) + 2048 * 512)
+
+
+def test_parameters_exclude_embedding_and_softmax():
+    config = base.base_config().model
+    config.d_model, config.num_experts, config.k = 8, 4, 2
+    config.expert_hidden = 16
+    body, softmax = model_lib.build_language_model(config, vocab_size=50)
+    lstm = 4 * 8 * (8 + 8) + 4 * 8
+    moe = 4 * (8 * 16 + 16 + 16 * 8 + 8) + 2 * 8 * 4  # Experts, W_g, W_noise.
+    assert model_lib.count_parameters(body) == 2 * lstm + moe
+    assert softmax.kernel.shape == (8, 50)
+
+
+def test_projected_lstm_cell_matches_its_equations():
+    cell = model_lib.ProjectedLSTMCell(units=6, projection=3)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 4)).astype(np.float32)
+    h = rng.normal(size=(2, 3)).astype(np.float32)
+    c = rng.normal(size=(2, 6)).astype(np.float32)
+    cell.build((None, 4))
+    new_h, (_, new_c) = cell(x, [h, c])
+    z = np.concatenate([x, h], 1) @ cell.kernel.numpy() + cell.bias.numpy()
+    i, f, g, o = np.split(z, 4, axis=1)
+    sigmoid = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    expected_c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+    expected_h = (sigmoid(o) * np.tanh(expected_c)) @ \
+        cell.projection_kernel.numpy()
+    np.testing.assert_allclose(new_c, expected_c, atol=1e-5)
+    np.testing.assert_allclose(new_h, expected_h, atol=1e-5)
+
+
+# Data ------------------------------------------------------------------------
+
+
+def test_batches_hold_shifted_sentences_and_their_words(text_splits,
+                                                        tokenizer):
+    config = lm_fixtures.small_config(text_splits)
+    batches, too_long = data_lib.eval_batches(config.data, tokenizer, "valid")
+    sentences = tokens = 0
+    for batch in batches:
+        inputs, targets = batch["inputs"].numpy(), batch["targets"].numpy()
+        assert inputs.size <= config.data.tokens_per_batch + inputs.shape[1]
+        pieces = targets[:, :-1] > text.EOS_ID  # Targets that are inputs.
+        np.testing.assert_array_equal(inputs[:, 1:][pieces],
+                                      targets[:, :-1][pieces])
+        assert (inputs[:, 0] == text.BOS_ID).all()
+        assert ((targets == text.EOS_ID).sum(1) == 1).all()
+        sentences += len(inputs)
+        tokens += int((targets != 0).sum())
+    assert sentences + too_long == 40
+
+
+def test_lm1b_source_reads_the_tfds_builder():
+    import tensorflow_datasets as tfds
+    config = base.base_config()
+    config.data.source = "lm1b"
+    with tfds.testing.mock_data(num_examples=6):
+        lines = [s.numpy() for s in data_lib.sentences(config.data, "train")]
+    assert len(lines) == 6 and all(isinstance(s, bytes) for s in lines)
+
+
+# Training, resume and checkpoints -------------------------------------------
+
+
+def test_training_lowers_perplexity_and_reports_it(text_splits, tmp_path,
+                                                   capsys):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 30
+    config.train.learning_rate = 1e-2
+    config.model.dropout = 0.0
+    run = LanguageModelRun(config, str(tmp_path), Distribution())
+    before = run.evaluate("valid")["perplexity_per_word"]
+    after = run.train()["perplexity_per_word"]
+    assert after < 0.5 * before
+    out = capsys.readouterr().out
+    assert "step 30/30 | loss" in out and "tok/s | ETA" in out
+    losses = _losses(str(tmp_path))
+    assert sorted(losses) == list(range(1, 31))
+    assert os.listdir(os.path.join(tmp_path, "train"))  # TensorBoard events.
+
+
+def test_killed_run_resumes_with_the_uninterrupted_losses(text_splits,
+                                                          tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 10
+    whole = tmp_path / "whole"
+    result = lm_fixtures.run_trainer(whole, config, "--mode=train")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    killed = tmp_path / "killed"
+    process = lm_fixtures.run_trainer(killed, config, "--mode=train",
+                                      wait=False)
+    log = killed / "train_losses.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # Past a checkpoint (step 6), mid-way.
+        if log.exists() and len(log.read_text().splitlines()) >= 7:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = lm_fixtures.run_trainer(killed, config, "--mode=train")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    expected, got = _losses(whole), _losses(killed)
+    assert sorted(got) == list(range(1, 11))
+    np.testing.assert_allclose([got[s] for s in range(1, 11)],
+                               [expected[s] for s in range(1, 11)],
+                               rtol=1e-5)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(text_splits,
+                                                              tmp_path,
+                                                              capsys):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 4
+    run = LanguageModelRun(config, str(tmp_path), Distribution())
+    run.train()
+    latest = run.checkpoints.manager.latest_checkpoint
+    assert latest.endswith("-4")
+    data_file = [name for name in os.listdir(tmp_path / "checkpoints")
+                 if name.startswith("ckpt-4.data")][0]
+    path = tmp_path / "checkpoints" / data_file
+    path.write_bytes(path.read_bytes()[:100])  # Truncated.
+    again = LanguageModelRun(config, str(tmp_path), Distribution())
+    assert again.restored_from.endswith("-2")
+    assert int(again.step.numpy()) == 2
+    assert "unreadable" in capsys.readouterr().out
+
+
+def test_distributions_give_the_same_losses(text_splits, tmp_path):
+    """One device, MirroredStrategy over 8 logical CPUs and a 2x4 DTensor
+    mesh: the same three updates (no dropout or noise: their draws follow
+    the batch split)."""
+    losses = {}
+    for kind, mesh in (("none", ""), ("mirrored", ""),
+                       ("dtensor", "batch:2,expert:4")):
+        config = lm_fixtures.small_config(text_splits, dropout=0.0,
+                                          noisy_gating=False)
+        config.train.steps = 3
+        run = LanguageModelRun(config, str(tmp_path / kind),
+                               Distribution(kind, mesh))
+        run.train()
+        losses[kind] = _losses(str(tmp_path / kind))
+    for kind in ("mirrored", "dtensor"):
+        np.testing.assert_allclose(
+            [losses[kind][s] for s in (1, 2, 3)],
+            [losses["none"][s] for s in (1, 2, 3)], rtol=1e-5, err_msg=kind)
+
+
+# Export ----------------------------------------------------------------------
+
+
+def test_export_scores_and_samples_raw_text_without_tf_moe(text_splits,
+                                                           tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 2
+    run = LanguageModelRun(config, str(tmp_path), Distribution())
+    run.train()
+    export_dir = str(tmp_path / "export")
+    export_lib.export(run.tokenizer, run.body, run.softmax, export_dir)
+
+    # The export's per-word perplexity of the valid split equals the
+    # trainer's own evaluation (two separate code paths).
+    with open(text_splits["valid"]) as f:
+        valid = [line.strip() for line in f if line.strip()]
+    evaluation = run.evaluate("valid")
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["tf_moe"] = None  # any import of tf_moe now fails
+        import tensorflow as tf
+        import tensorflow_text  # noqa: F401  (the tokenizer's ops)
+        served = tf.saved_model.load({export_dir!r})
+        scores = served.score(tf.constant({valid!r}))
+        samples = served.sample(tf.constant(["In the beginning", "And"]),
+                                tf.constant(8), tf.constant(1.0),
+                                tf.constant(3))
+        print(json.dumps(dict(
+            log_likelihood=scores["log_likelihood"].numpy().tolist(),
+            words=scores["words"].numpy().tolist(),
+            tokens=scores["tokens"].numpy().tolist(),
+            samples=[s.decode() for s in samples.numpy()])))
+    """)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    served = json.loads(result.stdout.strip().splitlines()[-1])
+    # The trainer leaves out sentences over max_len pieces (tokens counts
+    # the beginning of sentence too).
+    kept = [i for i, tokens in enumerate(served["tokens"])
+            if tokens - 1 <= config.data.max_len]
+    assert 0 < len(kept) < len(valid)
+    nll = -sum(served["log_likelihood"][i] for i in kept)
+    words = sum(served["words"][i] for i in kept)
+    assert words == evaluation["words"]
+    np.testing.assert_allclose(math.exp(nll / words),
+                               evaluation["perplexity_per_word"], rtol=1e-4)
+    assert len(served["samples"]) == 2
+    assert all(isinstance(s, str) for s in served["samples"])
+
+
+# Bad input -------------------------------------------------------------------
+
+
+def test_bad_inputs_fail_before_training_with_clear_errors(text_splits,
+                                                           tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    config.data.train_path = str(tmp_path / "missing.txt")
+    with pytest.raises(FileNotFoundError, match="config.data.train_path"):
+        LanguageModelRun(config, str(tmp_path / "a"), Distribution())
+    (tmp_path / "empty.txt").write_text("")
+    config.data.train_path = str(tmp_path / "empty.txt")
+    with pytest.raises(ValueError, match="config.data.train_path.*empty"):
+        LanguageModelRun(config, str(tmp_path / "a"), Distribution())
+
+    config = lm_fixtures.small_config(text_splits, num_experts=6)
+    with pytest.raises(ValueError, match="num_experts"):
+        LanguageModelRun(config, str(tmp_path / "b"),
+                         Distribution("dtensor", "batch:2,expert:4"))
+    with pytest.raises(ValueError, match="blocks"):
+        LanguageModelRun(lm_fixtures.small_config(
+            text_splits, blocks=("lstm", "conv")), str(tmp_path / "c"),
+            Distribution())
+
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 0
+    LanguageModelRun(config, str(tmp_path / "d"), Distribution())
+    config.model.d_model = 24
+    with pytest.raises(ValueError, match="different model"):
+        LanguageModelRun(config, str(tmp_path / "d"), Distribution())
+
+
+def test_unknown_config_field_is_refused_by_the_binary(text_splits, tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    result = lm_fixtures.run_trainer(tmp_path, config,
+                                     "--config.model.no_such_field=3")
+    assert result.returncode != 0
+    assert "no_such_field" in result.stdout + result.stderr
+    assert not (tmp_path / "checkpoints").exists()

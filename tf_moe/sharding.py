@@ -233,12 +233,13 @@ class MeshPlacement:
         del next_creator  # DVariables replace the default variables.
         initial_value = kwargs["initial_value"]
         if callable(initial_value):
-            initial_value = initial_value()
+            # On the host: some initializers (e.g. the LSTM's orthogonal
+            # one) use ops DTensor cannot run on regular tensors.
+            with tf.device("/device:CPU:0"):
+                initial_value = initial_value()
         dtype = kwargs.get("dtype")
         value = initial_value
         if not dtensor.is_dtensor(value):
-            # (Under the scope's default mesh, initializers already give
-            # replicated DTensors.)
             value = self.to_mesh(tf.convert_to_tensor(value, dtype=dtype))
         layout = _layout_hint(self, value.shape.rank)
         if layout is not None:

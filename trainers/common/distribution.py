@@ -63,10 +63,12 @@ class Distribution:
         kind: one of KINDS.
         mesh: the mesh spec for "dtensor" (e.g. "batch:2,expert:4").
         batch_axis, expert_axis: the mesh axes' names.
+        num_devices: use the first this many local devices (GPUs, else
+            CPUs); 0 for all of them (all of the job's, multi-client).
     """
 
     def __init__(self, kind="none", mesh="", batch_axis="batch",
-                 expert_axis="expert"):
+                 expert_axis="expert", num_devices=0):
         if kind not in KINDS:
             raise ValueError(f"--distribution must be one of {KINDS}, got "
                              f"{kind!r}.")
@@ -79,22 +81,27 @@ class Distribution:
         self.kind = kind
         self.strategy = None
         self.placement = None
+        # GPUs, else (logical) CPUs: MirroredStrategy's own default takes
+        # one CPU only.
+        device_type = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+        devices = [device.name
+                   for device in tf.config.list_logical_devices(device_type)]
+        if num_devices:
+            if num_devices > len(devices):
+                raise ValueError(f"num_devices={num_devices} but there are "
+                                 f"{len(devices)} {device_type} devices.")
+            devices = devices[:num_devices]
         if kind == "mirrored":
-            # All GPUs, else all (logical) CPUs: MirroredStrategy's own
-            # default takes one CPU only.
-            devices = (tf.config.list_logical_devices("GPU")
-                       or tf.config.list_logical_devices("CPU"))
             # Reduction on one device, not collectives: collective group
             # keys clash with a DTensor mesh in the same process.
             self.strategy = tf.distribute.MirroredStrategy(
-                [device.name for device in devices],
+                devices,
                 cross_device_ops=tf.distribute.ReductionToOneDevice())
         elif kind == "dtensor":
-            device_type = "GPU" if tf.config.list_logical_devices("GPU") \
-                else "CPU"
             self.placement = sharding.MeshPlacement(
-                sharding.make_mesh(mesh, device_type), batch_axis,
-                expert_axis)
+                sharding.make_mesh(mesh, device_type,
+                                   devices if num_devices else None),
+                batch_axis, expert_axis)
 
     @property
     def num_replicas(self):
@@ -115,7 +122,7 @@ class Distribution:
     def check_experts(self, num_experts):
         """Raises a clear error when experts cannot be split over the mesh."""
         if self.placement is not None:
-            self.placement.check_num_experts(num_experts)
+            self.placement.check_num_experts(num_experts, "config.model")
 
     def _per_replica(self, batch):
         """Row block r of every array of `batch` on replica r."""
@@ -139,7 +146,9 @@ class Distribution:
             models: the Keras models whose `losses` (balancing terms) join
                 the objective.
         """
-        replicas = self.num_replicas
+        # Gradients are summed over MirroredStrategy's replicas; a DTensor
+        # program is one global computation.
+        replicas = self.strategy.num_replicas_in_sync if self.strategy else 1
 
         def objective(batch, tokens):
             nll_sum, stats = loss_fn(batch)
@@ -172,7 +181,7 @@ class Distribution:
                         for key, value in stats.items()}
 
             def run(batch):
-                batch = pad_rows(batch, replicas)
+                batch = pad_rows(batch, self.num_replicas)
                 tokens = tf.constant(
                     float(np.count_nonzero(batch["targets"])), tf.float32)
                 return replica_step(self._per_replica(batch), tokens)
@@ -186,7 +195,7 @@ class Distribution:
             compiled_apply = tf.function(apply)
 
             def run(batch):
-                batch = pad_rows(batch, replicas)
+                batch = pad_rows(batch, self.num_replicas)
                 with placement.scope():
                     tokens = placement.to_mesh(tf.constant(
                         float(np.count_nonzero(batch["targets"]))))

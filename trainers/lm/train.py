@@ -42,11 +42,15 @@ class LanguageModelRun:
         self.distribution = distribution
         data_lib.check_data_config(config.data)
         model_lib.check_model_config(config.model)
-        if "moe" in config.model.blocks:
-            distribution.check_experts(config.model.num_experts)
-        if "hmoe" in config.model.blocks and distribution.placement:
-            raise ValueError("HierarchicalMoE does not run on a DTensor mesh "
-                             "yet: use --distribution=none or mirrored.")
+        if distribution.placement is not None:
+            # Keras's LSTM loops over time with TensorList ops, which DTensor
+            # (TF 2.21) cannot lay out; unrolled over a fixed length it ran,
+            # but its updates drifted from one device's by 5e-4 and its
+            # checkpoint (with the data iterator) failed to save.
+            raise ValueError(
+                "the LSTM language model does not run on a DTensor mesh yet: "
+                "use --distribution=none or mirrored (tf_moe layers in "
+                "models without LSTMs do; see tf_moe.sharding).")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source))
@@ -99,6 +103,10 @@ class LanguageModelRun:
         softmax.set_weights([sharding.to_numpy(v) for v in self.softmax.weights])
         return body, softmax
 
+    @staticmethod
+    def _host_batch(batch):
+        return {key: value.numpy() for key, value in batch.items()}
+
     # Loss ------------------------------------------------------------------
 
     def _token_nll(self, batch, training):
@@ -148,8 +156,7 @@ class LanguageModelRun:
         window = _Window()
         with open(losses_path, "a") as losses_log:
             while int(self.step.numpy()) < config.steps:
-                batch = {key: value.numpy()
-                         for key, value in next(self.train_iterator).items()}
+                batch = self._host_batch(next(self.train_iterator))
                 stats = {key: float(value) for key, value in
                          step_fn(batch).items()}
                 self.step.assign_add(1)
@@ -191,9 +198,10 @@ class LanguageModelRun:
             for layer in _moe_layers(self.body):
                 for name, tracker in layer._metric_trackers.items():
                     tf.summary.scalar(f"{layer.name}/{name}",
-                                      float(tracker.result()))
+                                      float(sharding.to_numpy(
+                                          tracker.result())))
                     tracker.reset_state()
-                counts = tf.convert_to_tensor(layer.expert_token_counts)
+                counts = sharding.to_numpy(layer.expert_token_counts)
                 tf.summary.histogram(
                     f"{layer.name}/expert_load",
                     tf.repeat(tf.range(tf.size(counts)), counts))
@@ -209,8 +217,7 @@ class LanguageModelRun:
         eval_fn = self._eval_fn
         nll = tokens = words = 0.0
         for batch in batches:
-            stats = eval_fn({key: value.numpy()
-                             for key, value in batch.items()})
+            stats = eval_fn(self._host_batch(batch))
             nll += float(stats["nll"])
             tokens += float(stats["tokens"])
             words += float(stats["words"])

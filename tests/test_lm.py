@@ -15,7 +15,6 @@ import tensorflow as tf
 
 from configs.lm import base
 from tests import lm_fixtures
-from trainers.common import checkpoints as checkpoints_lib
 from trainers.common import text
 from trainers.common.distribution import Distribution
 from trainers.common.schedule import WarmupInverseSqrt
@@ -329,3 +328,18 @@ def test_unknown_config_field_is_refused_by_the_binary(text_splits, tmp_path):
     assert result.returncode != 0
     assert "no_such_field" in result.stdout + result.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_table7_family_is_matched_on_ops_per_timestep():
+    from configs.lm import table7
+    for scale, target in (("paper", 8.4e6), ("cpu", 1.31e5)):
+        ops = {name: model_lib.ops_per_timestep(
+            table7.get_config(f"{name},{scale}").model)
+            for name in table7.MODELS}
+        for name, value in ops.items():
+            # LSTM-2048-512 is the heaviest (9.4M at paper scale).
+            assert 0.95 * target < value < 1.15 * target, (scale, name, value)
+    paper = table7.get_config("moe-4096-h").model
+    assert paper.num_groups * paper.experts_per_group == 4096
+    with pytest.raises(ValueError, match="table7 model"):
+        table7.get_config("moe-7")

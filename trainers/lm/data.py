@@ -16,8 +16,6 @@ sentence, the per-word perplexity's denominator). Sentences longer than
 lines are dropped.
 """
 
-import os
-
 import tensorflow as tf
 
 from trainers import corpora
@@ -168,7 +166,3 @@ def vocabulary_sentences(data):
 def vocabulary(data, workdir):
     return text.vocabulary_for(workdir, vocabulary_sentences(data),
                                data.vocab_size)
-
-
-def workdir_path(workdir, *parts):
-    return os.path.join(workdir, *parts)

@@ -80,6 +80,7 @@ class LanguageModelRun:
             rng=checkpoints_lib.random_states(self.body))
         self.restored_from = self.checkpoints.restore()
         self._eval_fn = None  # Compiled on the first evaluation.
+        self.trained_tokens = 0.0  # Target tokens trained on by train().
 
     @property
     def trainable_variables(self):
@@ -168,6 +169,7 @@ class LanguageModelRun:
                 losses_log.write(json.dumps(dict(step=step, loss=loss)) + "\n")
                 losses_log.flush()
                 window.add(stats)
+                self.trained_tokens += stats["tokens"]
                 progress.add_tokens(stats["tokens"])
                 if step % config.log_every == 0 or step == config.steps:
                     self._report(step, window, progress, writer)

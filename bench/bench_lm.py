@@ -1,0 +1,118 @@
+"""The paper's Table 7 at CPU scale: the MoE family against the dense
+baselines at matched ops/timestep, on the same data, token budget and seed.
+
+    python bench/bench_lm.py --output=bench/results/lm_table7.json \
+        --plot=bench/results/lm_table7.png [--steps=1000] [--models=...]
+
+Trains each `configs/lm/table7.py:<model>,cpu` config on the embedded corpus
+(one shared vocabulary), evaluates valid perplexity per word, and prints a
+markdown table: model, parameters (without embedding and softmax), ops per
+timestep, valid perplexity per word, training tokens/s. The plot shows
+perplexity against the number of experts (baselines as horizontal lines).
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import keras  # noqa: E402
+
+from configs.lm import table7  # noqa: E402
+from trainers.common.distribution import Distribution  # noqa: E402
+from trainers.lm.train import LanguageModelRun  # noqa: E402
+
+_MODELS = flags.DEFINE_list("models", list(table7.MODELS),
+                            "Table 7 models to train.")
+_STEPS = flags.DEFINE_integer("steps", 0,
+                              "Training steps (0: the config's, 1000).")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
+_PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
+
+_EXPERTS = dict(table7.FLAT, **table7.HIERARCHICAL)
+
+
+def train_one(name, steps, workdir, vocabulary):
+    config = table7.get_config(f"{name},cpu")
+    if steps:
+        config.train.steps = steps
+    os.makedirs(workdir, exist_ok=True)
+    if vocabulary:  # One vocabulary for all: learned once, copied.
+        shutil.copy(vocabulary, os.path.join(workdir, "vocab.txt"))
+    keras.backend.clear_session()
+    run = LanguageModelRun(config, workdir, Distribution())
+    start = time.perf_counter()
+    result = run.train()
+    seconds = time.perf_counter() - start
+    return dict(
+        model=name, experts=_EXPERTS.get(name, 1),
+        parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
+        valid_perplexity_per_word=result["perplexity_per_word"],
+        steps=config.train.steps, train_seconds=seconds,
+        # Real (unpadded) tokens per second of the whole train() call,
+        # the final evaluation included.
+        tokens_per_second=run.trained_tokens / seconds)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    moe = sorted((r for r in rows if r["model"] in _EXPERTS),
+                 key=lambda r: (r["model"].endswith("-h"), r["experts"]))
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for hierarchical, marker in ((False, "o-"), (True, "s--")):
+        points = [r for r in moe if r["model"].endswith("-h") == hierarchical]
+        if points:
+            axes.plot([r["experts"] for r in points],
+                      [r["valid_perplexity_per_word"] for r in points], marker,
+                      label="hierarchical MoE" if hierarchical else "flat MoE")
+    for row in rows:
+        if row["model"] not in _EXPERTS:
+            axes.axhline(row["valid_perplexity_per_word"], linestyle=":",
+                         color="gray")
+            axes.annotate(row["model"], (1, row["valid_perplexity_per_word"]),
+                          fontsize=7, color="gray")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel("experts")
+    axes.set_ylabel("valid perplexity per word")
+    axes.set_title("Table 7 at CPU scale (matched ops/timestep)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main(argv):
+    del argv
+    rows = []
+    root = tempfile.mkdtemp(prefix="bench_lm_")
+    vocabulary = None
+    for name in _MODELS.value:
+        workdir = os.path.join(root, name)
+        rows.append(train_one(name, _STEPS.value, workdir, vocabulary))
+        vocabulary = os.path.join(workdir, "vocab.txt")
+    print("\n| model | parameters | ops/timestep | valid ppl/word | tokens/s |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['parameters']:,} | "
+              f"{r['ops_per_timestep']:,} | "
+              f"{r['valid_perplexity_per_word']:.1f} | "
+              f"{r['tokens_per_second']:,.0f} |")
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(dict(steps=_STEPS.value or 1000, rows=rows), f, indent=2)
+    if _PLOT.value:
+        plot(rows, _PLOT.value)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -15,7 +15,7 @@ the MoE models and the baselines matched (each about 131k ops/timestep;
 from configs.lm import base
 
 FLAT = {"moe-4": 4, "moe-32": 32, "moe-256": 256}
-HIERARCHICAL = {"moe-256-h": 16, "moe-1024-h": 64, "moe-4096-h": 256}
+HIERARCHICAL = {"moe-256-h": 256, "moe-1024-h": 1024, "moe-4096-h": 4096}
 BASELINES = ("lstm-2048-512", "4xlstm-512", "moe-1-wide", "moe-1-deep")
 MODELS = tuple(FLAT) + tuple(HIERARCHICAL) + BASELINES
 SCALES = ("paper", "cpu")

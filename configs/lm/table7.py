@@ -8,7 +8,8 @@ Models (appendix C): MoE-4, -32, -256 (flat, k=4), MoE-256-h, -1024-h,
 LSTM-2048-512, 4xLSTM-512, MoE-1-Wide and MoE-1-Deep. At paper scale
 (d=512, experts of 1024 hidden units) every model is about 8M ops/timestep;
 the CPU scale divides every width by 8 (d=64, experts of 128), which keeps
-the MoE models and the baselines matched (each about 131k ops/timestep;
+the MoE models and the baselines matched (131k to 147k ops/timestep, but
+MoE-4096-h's secondary gates bring it to 165k;
 `python -m trainers.lm ... --mode=eval` prints the figure).
 """
 

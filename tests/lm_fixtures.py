@@ -48,12 +48,13 @@ def small_config(paths, **model):
     return config
 
 
-def config_flags(config):
-    """`--config.<field>=<value>` flags that turn configs/lm/base.py's
-    defaults into `config` (for runs in a subprocess)."""
+def config_flags(config, base_module=base, groups=("data", "model", "train")):
+    """`--config.<field>=<value>` flags that turn `base_module`'s (default
+    configs/lm/base.py's) defaults into `config` (for runs in a
+    subprocess)."""
     flags = []
-    default = base.base_config()
-    for group in ("data", "model", "train"):
+    default = base_module.base_config()
+    for group in groups:
         for field, value in config[group].items():
             if value != default[group][field]:
                 if isinstance(value, tuple):

@@ -51,6 +51,7 @@ def base_config():
     train.steps = 27_000
     train.learning_rate = 1e-3
     train.warmup_steps = 1000
+    train.constant_steps = 0  # At the peak rate before the decay.
     train.clip_norm = 1.0  # Global norm; 0 for none.
     train.log_every = 50
     train.checkpoint_every = 500

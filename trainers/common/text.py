@@ -23,14 +23,17 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
 _SUFFIX = "##"
 
 
-def learn_vocabulary(sentences, vocab_size, extra_reserved=()):
-    """Learns a WordPiece vocabulary (lower-cased) from a dataset of strings.
+def learn_vocabulary(sentences, vocab_size, extra_reserved=(),
+                     lower_case=True):
+    """Learns a WordPiece vocabulary from a dataset of strings.
 
     Args:
         sentences: a `tf.data.Dataset` of scalar strings.
         vocab_size: the target size; the learner may return fewer pieces.
         extra_reserved: more reserved tokens (e.g. target-language tags),
             placed after `RESERVED_TOKENS`.
+        lower_case: lower-case (and strip accents, as BERT's tokenizer
+            does) first; a translation model's output keeps both.
     Returns:
         The pieces, reserved tokens first (`[PAD]` has id 0).
     """
@@ -39,7 +42,7 @@ def learn_vocabulary(sentences, vocab_size, extra_reserved=()):
         sentences.batch(1024).prefetch(2),
         vocab_size=vocab_size,
         reserved_tokens=reserved,
-        bert_tokenizer_params=dict(lower_case=True),
+        bert_tokenizer_params=dict(lower_case=lower_case),
         learn_params={})
 
 
@@ -58,7 +61,8 @@ def load_vocabulary(path):
     return pieces
 
 
-def vocabulary_for(workdir, sentences, vocab_size, extra_reserved=()):
+def vocabulary_for(workdir, sentences, vocab_size, extra_reserved=(),
+                   lower_case=True):
     """The workdir's `vocab.txt`, learned from `sentences` on the first run.
 
     Learning is deterministic, but a resumed run must tokenize exactly as
@@ -68,7 +72,8 @@ def vocabulary_for(workdir, sentences, vocab_size, extra_reserved=()):
     path = os.path.join(workdir, "vocab.txt")
     if tf.io.gfile.exists(path):
         return load_vocabulary(path)
-    pieces = learn_vocabulary(sentences, vocab_size, extra_reserved)
+    pieces = learn_vocabulary(sentences, vocab_size, extra_reserved,
+                              lower_case)
     tf.io.gfile.makedirs(workdir)
     save_vocabulary(pieces, path)
     return pieces
@@ -79,12 +84,17 @@ class Tokenizer(tf.Module):
 
     Args:
         pieces: the vocabulary (`RESERVED_TOKENS` first).
+        lower_case: as the vocabulary was learned.
+        num_reserved: the reserved tokens at the vocabulary's start
+            (`RESERVED_TOKENS` and any extra), which `detokenize` drops.
     """
 
-    def __init__(self, pieces, name=None):
+    def __init__(self, pieces, lower_case=True,
+                 num_reserved=len(RESERVED_TOKENS), name=None):
         super().__init__(name=name)
         self.pieces = tf.constant(list(pieces))
         self.vocab_size = len(pieces)
+        self.num_reserved = num_reserved
         table = tf.lookup.StaticVocabularyTable(
             tf.lookup.KeyValueTensorInitializer(
                 self.pieces, tf.range(self.vocab_size, dtype=tf.int64)),
@@ -92,7 +102,7 @@ class Tokenizer(tf.Module):
         self._table = table
         self._bert = tf_text.BertTokenizer(
             table, suffix_indicator=_SUFFIX, unknown_token=UNK,
-            lower_case=True, token_out_type=tf.int64)
+            lower_case=lower_case, token_out_type=tf.int64)
 
     def tokenize(self, sentences):
         """`[batch]` strings -> ids `[batch, (pieces)]` int32 (ragged) and
@@ -112,7 +122,7 @@ class Tokenizer(tf.Module):
         """
         if not isinstance(ids, tf.RaggedTensor):
             ids = tf.RaggedTensor.from_tensor(ids)
-        ids = tf.ragged.boolean_mask(ids, ids >= len(RESERVED_TOKENS))
+        ids = tf.ragged.boolean_mask(ids, ids >= self.num_reserved)
         pieces = tf.gather(self.pieces, ids)
         joined = tf.strings.reduce_join(pieces, axis=-1, separator=" ")
         return tf.strings.regex_replace(joined, " " + _SUFFIX, "")

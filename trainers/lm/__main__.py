@@ -19,64 +19,41 @@ from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from trainers.common import app_flags  # noqa: E402
+
 MODES = ("train", "eval", "export", "sample")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "The experiment config file (configs/lm/*.py); its "
     "fields can be overridden with --config.<field>=<value>.",
     lock_config=True)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Vocabulary, checkpoints, TensorBoard summaries and the "
-    "export go here; a run resumes from the checkpoints it finds.")
 _MODE = flags.DEFINE_enum("mode", "train", MODES, "What to do.")
-_DISTRIBUTION = flags.DEFINE_enum(
-    "distribution", "none", ("none", "mirrored", "dtensor"),
-    "none: one device; mirrored: tf.distribute.MirroredStrategy over the "
-    "local devices; dtensor: a DTensor mesh (--mesh).")
-_MESH = flags.DEFINE_string(
-    "mesh", "", "DTensor mesh for --distribution=dtensor, axis:size pairs, "
-    "e.g. batch:2,expert:4 (or expert:8: one axis for both).")
-_BATCH_AXIS = flags.DEFINE_string("batch_axis", "batch",
-                                  "The mesh axis the batch is split over.")
-_EXPERT_AXIS = flags.DEFINE_string("expert_axis", "expert",
-                                   "The mesh axis the experts are split over.")
-_LOCAL_DEVICES = flags.DEFINE_integer(
-    "local_devices", 0, "Split the CPU into this many logical devices "
-    "(for mirrored or dtensor without GPUs); 0 leaves it whole.")
 _SPLIT = flags.DEFINE_enum("split", "test", ("valid", "test"),
                            "The split --mode=eval reports.")
-_EXPORT_DIR = flags.DEFINE_string(
-    "export_dir", "", "Where --mode=export (and train) write the SavedModel "
-    "(default: WORKDIR/export).")
 _PREFIX = flags.DEFINE_multi_string(
     "prefix", ["In the beginning"], "Text --mode=sample continues "
     "(repeat the flag for several).")
 
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    from tf_moe import sharding
-    if _LOCAL_DEVICES.value:
-        sharding.configure_logical_cpus(_LOCAL_DEVICES.value)
+    distribution = app_flags.distribution()
     # Imported here: TensorFlow must not initialise before the logical CPUs
     # are configured.
     import tensorflow as tf
-    from trainers.common.distribution import Distribution
     from trainers.lm import export as export_lib
     from trainers.lm.train import LanguageModelRun
 
     config = _CONFIG.value
-    distribution = Distribution(_DISTRIBUTION.value, _MESH.value,
-                                _BATCH_AXIS.value, _EXPERT_AXIS.value)
-    run = LanguageModelRun(config, _WORKDIR.value, distribution)
+    run = LanguageModelRun(config, app_flags.WORKDIR.value, distribution)
     print(f"model: blocks {list(config.model.blocks)}, "
           f"{run.num_parameters:,} parameters without embedding and softmax, "
           f"{run.ops_per_timestep:,} ops/timestep, vocabulary "
           f"{run.tokenizer.vocab_size} pieces", flush=True)
-    export_dir = _EXPORT_DIR.value or os.path.join(_WORKDIR.value, "export")
+    export_dir = app_flags.export_dir()
 
     if _MODE.value == "train":
         run.train()

@@ -19,6 +19,7 @@ lines are dropped.
 import tensorflow as tf
 
 from trainers import corpora
+from trainers.common import batching
 from trainers.common import text
 
 SOURCES = ("embedded", "text", "lm1b")
@@ -112,28 +113,10 @@ def fits(max_len):
 def token_batches(examples, tokens_per_batch, max_len, multiple=1):
     """Bucketed batches of about `tokens_per_batch` tokens each (padding
     included), sizes a multiple of `multiple` (the replicas)."""
-    boundaries = []
-    length = 8
-    while length < max_len + 1:
-        boundaries.append(length)
-        length *= 2
-    sizes = [max(multiple, (tokens_per_batch // b) // multiple * multiple)
-             for b in boundaries + [max_len + 1]]
-    return examples.bucket_by_sequence_length(
-        lambda example: tf.size(example["inputs"]),
-        bucket_boundaries=[b + 1 for b in boundaries],
-        bucket_batch_sizes=sizes,
-        padded_shapes={"inputs": [None], "targets": [None], "words": []})
-
-
-def _checkpointable(ds):
-    # The tokenizer's table is constant: its state need not be saved with
-    # the iterator (tf.data refuses to save one that reads a table otherwise).
-    options = tf.data.Options()
-    options.experimental_external_state_policy = (
-        tf.data.experimental.ExternalStatePolicy.IGNORE)
-    options.deterministic = True
-    return ds.with_options(options)
+    return batching.token_batches(
+        examples, lambda example: tf.size(example["inputs"]),
+        tokens_per_batch, max_len + 1,
+        {"inputs": [None], "targets": [None], "words": []}, multiple)
 
 
 def train_batches(data, tokenizer, seed, multiple=1):
@@ -143,7 +126,7 @@ def train_batches(data, tokenizer, seed, multiple=1):
     ds = tokenized(ds.repeat(), tokenizer).filter(fits(data.max_len))
     ds = token_batches(ds.map(to_example), data.tokens_per_batch,
                        data.max_len, multiple)
-    return _checkpointable(ds.prefetch(2))
+    return batching.checkpointable(ds.prefetch(2))
 
 
 def eval_batches(data, tokenizer, split, multiple=1):
@@ -154,7 +137,7 @@ def eval_batches(data, tokenizer, split, multiple=1):
         tf.size(s["pieces"]) > data.max_len, tf.int64))
     ds = token_batches(ds.filter(fits(data.max_len)).map(to_example),
                        data.tokens_per_batch, data.max_len, multiple)
-    return _checkpointable(ds.prefetch(2)), int(too_long)
+    return batching.checkpointable(ds.prefetch(2)), int(too_long)
 
 
 def vocabulary_sentences(data):

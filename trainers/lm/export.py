@@ -13,6 +13,7 @@ Signatures:
 
 import tensorflow as tf
 
+from trainers.common import serving
 from trainers.common import text
 
 
@@ -24,14 +25,7 @@ class LanguageModelServer(tf.Module):
         self.tokenizer = tokenizer
         self.body = body
         self.softmax = softmax
-        # The functions read every variable the layers hold, the MoE
-        # layers' routing metrics too, which Keras does not expose to
-        # tf.Module tracking: track them all here.
-        self.layer_variables = [
-            v.value for layer in (body, softmax)
-            for v in layer.variables + [metric_variable
-                                        for metric in layer.metrics
-                                        for metric_variable in metric.variables]]
+        self.layer_variables = serving.layer_variables(body, softmax)
 
     def _logits(self, ids):
         return self.softmax(self.body(ids, training=False))

@@ -1,0 +1,92 @@
+"""The paper's translation comparison at CPU scale: the GNMT-style dense
+baseline against the MoE models at matched ops/timestep, on the same data,
+token budget and seed.
+
+    python bench/bench_nmt.py --output=bench/results/nmt.json \
+        [--steps=1500] [--models=gnmt,moe-32,moe-512-h]
+
+Trains each `configs/nmt/paper.py:<model>,cpu` config on the embedded
+English -> Spanish verses (one shared vocabulary), then prints a markdown
+table: model, parameters (without embeddings and softmax), ops per
+timestep, valid BLEU (sacrebleu, beam search), valid perplexity per token,
+training tokens/s.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import keras  # noqa: E402
+
+from configs.nmt import paper  # noqa: E402
+from trainers.common.distribution import Distribution  # noqa: E402
+from trainers.nmt.train import TranslationRun  # noqa: E402
+
+_MODELS = flags.DEFINE_list("models", ["gnmt", "moe-32", "moe-512-h"],
+                            "Models of configs/nmt/paper.py to train.")
+_STEPS = flags.DEFINE_integer("steps", 0,
+                              "Training steps (0: the config's, 1500).")
+_BLEU_SENTENCES = flags.DEFINE_integer(
+    "bleu_sentences", 0, "Valid sentences BLEU is computed on (0: the "
+    "config's, 300).")
+_OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
+
+
+def train_one(name, workdir, vocabulary):
+    config = paper.get_config(f"{name},cpu")
+    if _STEPS.value:
+        config.train.steps = _STEPS.value
+    if _BLEU_SENTENCES.value:
+        config.decode.bleu_sentences = _BLEU_SENTENCES.value
+    os.makedirs(workdir, exist_ok=True)
+    if vocabulary:  # One vocabulary for all: learned once, copied.
+        shutil.copy(vocabulary, os.path.join(workdir, "vocab.txt"))
+    keras.backend.clear_session()
+    run = TranslationRun(config, workdir, Distribution())
+    start = time.perf_counter()
+    result = run.train()  # Ends with the valid evaluation.
+    seconds = time.perf_counter() - start
+    return dict(
+        model=name, parameters=run.num_parameters,
+        ops_per_timestep=run.ops_per_timestep, valid_bleu=result["bleu"],
+        bleu_sentences=result["bleu_sentences"],
+        valid_perplexity=result["perplexity"], steps=config.train.steps,
+        train_seconds=seconds,
+        # Real (unpadded) target tokens per second of the whole train()
+        # call, its closing evaluation included.
+        tokens_per_second=run.trained_tokens / seconds)
+
+
+def main(argv):
+    del argv
+    rows = []
+    root = tempfile.mkdtemp(prefix="bench_nmt_")
+    vocabulary = None
+    for name in _MODELS.value:
+        workdir = os.path.join(root, name)
+        rows.append(train_one(name, workdir, vocabulary))
+        vocabulary = os.path.join(workdir, "vocab.txt")
+    print("\n| model | parameters | ops/timestep | valid BLEU | valid ppl "
+          "| tokens/s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['parameters']:,} | "
+              f"{r['ops_per_timestep']:,} | {r['valid_bleu']:.2f} | "
+              f"{r['valid_perplexity']:.2f} | {r['tokens_per_second']:,.0f} |")
+    if _OUTPUT.value:
+        with open(_OUTPUT.value, "w") as f:
+            json.dump(dict(rows=rows), f, indent=2)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    app.run(main)

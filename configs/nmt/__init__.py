@@ -1,0 +1,1 @@
+"""Translation configs: `python -m trainers.nmt --config=configs/nmt/<name>.py`."""

@@ -1,0 +1,1 @@
+"""The MoE translation trainer: `python -m trainers.nmt` (see __main__.py)."""

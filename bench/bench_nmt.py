@@ -3,7 +3,7 @@ baseline against the MoE models at matched ops/timestep, on the same data,
 token budget and seed.
 
     python bench/bench_nmt.py --output=bench/results/nmt.json \
-        [--steps=1500] [--models=gnmt,moe-32,moe-512-h]
+        [--steps=1500] [--models=gnmt,moe-32,moe-512-h] [--vocabulary=PATH]
 
 Trains each `configs/nmt/paper.py:<model>,cpu` config on the embedded
 English -> Spanish verses (one shared vocabulary), then prints a markdown
@@ -38,6 +38,10 @@ _STEPS = flags.DEFINE_integer("steps", 0,
 _BLEU_SENTENCES = flags.DEFINE_integer(
     "bleu_sentences", 0, "Valid sentences BLEU is computed on (0: the "
     "config's, 300).")
+_VOCABULARY = flags.DEFINE_string(
+    "vocabulary", "", "A vocab.txt to train every model with (e.g. the main "
+    "job's, DIR/vocab.txt: the same 6,000-piece settings); by default the "
+    "first model learns one and the others reuse it.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 
 
@@ -70,7 +74,7 @@ def main(argv):
     del argv
     rows = []
     root = tempfile.mkdtemp(prefix="bench_nmt_")
-    vocabulary = None
+    vocabulary = _VOCABULARY.value or None
     for name in _MODELS.value:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, workdir, vocabulary))

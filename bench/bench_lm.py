@@ -1,14 +1,25 @@
-"""The paper's Table 7 at CPU scale: the MoE family against the dense
-baselines at matched ops/timestep, on the same data, token budget and seed.
+"""The paper's Tables 7 and 6 at CPU scale, on the embedded corpus with one
+shared vocabulary, the same token budget and the same seed.
+
+Table 7, the MoE family against the dense baselines at matched ops/timestep:
 
     python bench/bench_lm.py --output=bench/results/lm_table7.json \
         --plot=bench/results/lm_table7.png [--steps=1000] [--models=...]
 
-Trains each `configs/lm/table7.py:<model>,cpu` config on the embedded corpus
-(one shared vocabulary), evaluates valid perplexity per word, and prints a
-markdown table: model, parameters (without embedding and softmax), ops per
-timestep, valid perplexity per word, training tokens/s. The plot shows
-perplexity against the number of experts (baselines as horizontal lines).
+trains each `configs/lm/table7.py:<model>,cpu` config, evaluates valid
+perplexity per word, and prints a markdown table: model, parameters (without
+embedding and softmax), ops per timestep, valid perplexity per word,
+training tokens/s. The plot shows perplexity against the number of experts
+(baselines as horizontal lines).
+
+Table 6, the balancing losses' weights on MoE-256 (CPU scale):
+
+    python bench/bench_lm.py --table=6 --output=bench/results/lm_table6.json
+
+trains it with each (w_importance, w_load) of the paper and prints valid
+perplexity per word and, over the valid batches at inference, the mean
+CV(Importance), CV(Load) and max(Load)/mean(Load), Load being the tokens
+each expert received.
 """
 
 import json
@@ -30,6 +41,7 @@ from configs.lm import table7  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.lm.train import LanguageModelRun  # noqa: E402
 
+_TABLE = flags.DEFINE_enum("table", "7", ["6", "7"], "The paper's table.")
 _MODELS = flags.DEFINE_list("models", list(table7.MODELS),
                             "Table 7 models to train.")
 _STEPS = flags.DEFINE_integer("steps", 0,
@@ -38,12 +50,18 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
 
 _EXPERTS = dict(table7.FLAT, **table7.HIERARCHICAL)
+# The paper's Table 6: (w_importance, w_load).
+BALANCE_WEIGHTS = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1),
+                   (0.01, 0.01), (1.0, 1.0))
+BALANCE_MODEL = "moe-256"
 
 
-def train_one(name, steps, workdir, vocabulary):
+def train_one(name, steps, workdir, vocabulary, **model_overrides):
+    """Trains `name` at CPU scale; returns its row (valid evaluation)."""
     config = table7.get_config(f"{name},cpu")
     if steps:
         config.train.steps = steps
+    config.model.update(model_overrides)
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One vocabulary for all: learned once, copied.
         shutil.copy(vocabulary, os.path.join(workdir, "vocab.txt"))
@@ -59,7 +77,8 @@ def train_one(name, steps, workdir, vocabulary):
         steps=config.train.steps, train_seconds=seconds,
         # Real (unpadded) tokens per second of the whole train() call,
         # the final evaluation included.
-        tokens_per_second=run.trained_tokens / seconds)
+        tokens_per_second=run.trained_tokens / seconds,
+        routing=result["routing"])
 
 
 def plot(rows, path):
@@ -90,15 +109,17 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
-def main(argv):
-    del argv
+def table7_rows(root):
     rows = []
-    root = tempfile.mkdtemp(prefix="bench_lm_")
     vocabulary = None
     for name in _MODELS.value:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, _STEPS.value, workdir, vocabulary))
         vocabulary = os.path.join(workdir, "vocab.txt")
+    return rows
+
+
+def print_table7(rows):
     print("\n| model | parameters | ops/timestep | valid ppl/word | tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:
@@ -106,10 +127,50 @@ def main(argv):
               f"{r['ops_per_timestep']:,} | "
               f"{r['valid_perplexity_per_word']:.1f} | "
               f"{r['tokens_per_second']:,.0f} |")
+
+
+def table6_rows(root):
+    rows = []
+    vocabulary = None
+    for w_importance, w_load in BALANCE_WEIGHTS:
+        workdir = os.path.join(root, f"{w_importance}_{w_load}")
+        row = train_one(BALANCE_MODEL, _STEPS.value, workdir, vocabulary,
+                        importance_weight=w_importance, load_weight=w_load)
+        (routing,) = row.pop("routing").values()  # The one MoE layer.
+        rows.append(dict(row, w_importance=w_importance, w_load=w_load,
+                         importance_cv=routing["importance_cv"],
+                         load_cv=routing["load_cv"],
+                         load_max_over_mean=routing["load_max_over_mean"]))
+        vocabulary = os.path.join(workdir, "vocab.txt")
+    return rows
+
+
+def print_table6(rows):
+    print(f"\n{BALANCE_MODEL} (CPU scale), valid set at inference\n")
+    print("| w_importance | w_load | valid ppl/word | CV(Importance) | "
+          "CV(Load) | max(Load)/mean(Load) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['w_importance']:g} | {r['w_load']:g} | "
+              f"{r['valid_perplexity_per_word']:.1f} | "
+              f"{r['importance_cv']:.2f} | {r['load_cv']:.2f} | "
+              f"{r['load_max_over_mean']:.2f} |")
+
+
+def main(argv):
+    del argv
+    root = tempfile.mkdtemp(prefix="bench_lm_")
+    if _TABLE.value == "7":
+        rows = table7_rows(root)
+        print_table7(rows)
+    else:
+        rows = table6_rows(root)
+        print_table6(rows)
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
-            json.dump(dict(steps=_STEPS.value or 1000, rows=rows), f, indent=2)
-    if _PLOT.value:
+            json.dump(dict(table=int(_TABLE.value), steps=_STEPS.value or 1000,
+                           rows=rows), f, indent=2)
+    if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)
     shutil.rmtree(root, ignore_errors=True)
 

@@ -110,6 +110,25 @@ def test_losses_by_hand():
     assert expected > 0
 
 
+def test_routing_metrics_by_hand():
+    layer = _layer(4, k=2)
+    batches = [tf.random.normal((9, 5), seed=seed) for seed in (4, 5)]
+    expected = {"importance_cv": [], "load_cv": [], "load_max_over_mean": []}
+    for tokens in batches:
+        layer(tokens)
+        gate = layer.gate(tokens)
+        importance = gate.importance.numpy()
+        load = np.bincount(gate.expert_ids.numpy().ravel(), minlength=4)
+        expected["importance_cv"].append(importance.std() / importance.mean())
+        expected["load_cv"].append(load.std() / load.mean())
+        expected["load_max_over_mean"].append(load.max() / load.mean())
+    metrics = layer.routing_metrics(reset=True)
+    for name, values in expected.items():
+        assert metrics[name] == pytest.approx(np.mean(values), rel=1e-5), name
+    assert expected["load_max_over_mean"][0] > 1
+    assert layer.routing_metrics()["load_cv"] == 0.0  # reset
+
+
 def test_without_noise_only_importance_counts():
     layer = _layer(4, k=2, noisy_gating=False, importance_weight=0.3,
                    load_weight=5.0)

@@ -94,8 +94,12 @@ class MixtureOfExperts(keras.layers.Layer):
         self._placement = None  # The MeshPlacement it was built under.
         self._loss_threads = {}  # id(loss) -> the thread that added it.
 
-        metrics = ["importance_loss", "load_loss", "load_cv",
-                   "dropped_fraction"]
+        # The paper's Table 6 measures: CV(Importance), CV(Load) and
+        # max(Load)/mean(Load), with Load the tokens each expert received
+        # (what the smooth Load estimates). Means over the calls since the
+        # last reset_state.
+        metrics = ["importance_loss", "load_loss", "importance_cv", "load_cv",
+                   "load_max_over_mean", "dropped_fraction"]
         if gating == "batchwise":
             metrics.append("threshold_loss")
         self._metric_trackers = {
@@ -204,7 +208,7 @@ class MixtureOfExperts(keras.layers.Layer):
         if gate_output.threshold_loss is not None:
             losses["threshold_loss"] = gate_output.threshold_loss
         self.add_loss(tf.add_n(list(losses.values())))
-        self._record_routing(counts_and_drops, losses)
+        self._record_routing(importance, counts_and_drops, losses)
 
         output_shape = tf.concat(
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
@@ -294,20 +298,41 @@ class MixtureOfExperts(keras.layers.Layer):
         return dispatch_lib.fixed_capacity(
             num_tokens, num_experts, experts_per_token, self.capacity_factor)
 
-    def _record_routing(self, counts_and_drops, losses):
-        """Metrics and counts from `[E + 2]` float32: each expert's routed
-        slots, then the slots dropped at dispatch and before it."""
+    def _record_routing(self, importance, counts_and_drops, losses):
+        """Metrics from the batch's `[E]` Importance and from
+        `[E + 2]` float32: each expert's routed slots, then the slots
+        dropped at dispatch and before it."""
         counts = counts_and_drops[:self.num_experts]
         num_dropped, dropped_before = tf.unstack(
             counts_and_drops[self.num_experts:])
         routed = tf.reduce_sum(counts) + dropped_before
         values = dict(losses)
+        values["importance_cv"] = tf.sqrt(
+            balance.cv_squared(tf.cast(importance, tf.float32)))
         values["load_cv"] = tf.sqrt(balance.cv_squared(counts))
+        values["load_max_over_mean"] = tf.math.divide_no_nan(
+            tf.reduce_max(counts), tf.reduce_mean(counts))
         values["dropped_fraction"] = tf.math.divide_no_nan(
             num_dropped + dropped_before, routed)
         for metric, value in values.items():
             self._metric_trackers[metric].update_state(value)
         self.expert_token_counts.assign(tf.cast(counts, tf.int32))
+
+    def routing_metrics(self, reset=False):
+        """The routing metrics averaged over the calls since the last reset.
+
+        Returns a dict of float scalars: `importance_loss`, `load_loss`
+        (`threshold_loss` with batchwise gating), `importance_cv`,
+        `load_cv` and `load_max_over_mean` (Load counted in tokens routed to
+        each expert) and `dropped_fraction`. With `reset=True` the averages
+        start again afterwards, e.g. between training and evaluation.
+        """
+        values = {name: float(sharding.to_numpy(tracker.result()))
+                  for name, tracker in self._metric_trackers.items()}
+        if reset:
+            for tracker in self._metric_trackers.values():
+                tracker.reset_state()
+        return values
 
     def compute_output_shape(self, input_shape):
         output_size = self.output_size or input_shape[-1]

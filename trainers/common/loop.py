@@ -31,7 +31,7 @@ from tf_moe import sharding
 def moe_layers(model):
     """The tf_moe layers of a Keras model (they keep routing metrics)."""
     return [layer for layer in model._flatten_layers(include_self=False)
-            if hasattr(layer, "_metric_trackers")]
+            if hasattr(layer, "routing_metrics")]
 
 
 class Window:
@@ -121,6 +121,13 @@ class TrainingRun:
         a `Window` of step statistics."""
         raise NotImplementedError
 
+    def take_routing_metrics(self):
+        """`{layer name: {metric: value}}` of every MoE layer of the run's
+        models (see `tf_moe.MoE.routing_metrics`): the means over the calls
+        since the last report or take, which start again."""
+        return {layer.name: layer.routing_metrics(reset=True)
+                for model in self.models for layer in moe_layers(model)}
+
     @property
     def trainable_variables(self):
         return [v for model in self.models for v in model.trainable_variables]
@@ -193,10 +200,8 @@ class TrainingRun:
 def _summarise_routing(layer):
     """The layer's routing metrics since the last report (then reset) and a
     histogram of its last batch's expert load."""
-    for name, tracker in layer._metric_trackers.items():
-        tf.summary.scalar(f"{layer.name}/{name}",
-                          float(sharding.to_numpy(tracker.result())))
-        tracker.reset_state()
+    for name, value in layer.routing_metrics(reset=True).items():
+        tf.summary.scalar(f"{layer.name}/{name}", value)
     counts = sharding.to_numpy(layer.expert_token_counts)
     tf.summary.histogram(f"{layer.name}/expert_load",
                          tf.repeat(tf.range(tf.size(counts)), counts))

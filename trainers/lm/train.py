@@ -123,6 +123,7 @@ class LanguageModelRun(loop.TrainingRun):
         if self._eval_fn is None:
             self._eval_fn = self.distribution.compile_eval(self._eval_stats)
         eval_fn = self._eval_fn
+        self.take_routing_metrics()  # Leaves out the training calls.
         nll = tokens = words = 0.0
         for batch in batches:
             stats = eval_fn(self._host_batch(batch))
@@ -137,7 +138,8 @@ class LanguageModelRun(loop.TrainingRun):
                       perplexity_per_word=math.exp(nll / words),
                       perplexity_per_token=math.exp(nll / tokens),
                       words=int(words), tokens=int(tokens),
-                      sentences_too_long=too_long)
+                      sentences_too_long=too_long,
+                      routing=self.take_routing_metrics())
         print(f"eval {split} at step {result['step']}: perplexity per word "
               f"{result['perplexity_per_word']:.2f}, per token "
               f"{result['perplexity_per_token']:.2f} ({result['words']} "
@@ -149,6 +151,9 @@ class LanguageModelRun(loop.TrainingRun):
                                   result["perplexity_per_word"])
                 tf.summary.scalar(f"{split}/perplexity_per_token",
                                   result["perplexity_per_token"])
+                for layer, metrics in result["routing"].items():
+                    for name, value in metrics.items():
+                        tf.summary.scalar(f"{split}/{layer}/{name}", value)
         return result
 
     def _eval_stats(self, batch):

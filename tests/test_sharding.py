@@ -24,15 +24,24 @@ NUM_EXPERTS = 8
 WIDTH = 6
 
 
-def _model(capacity_factor=4.0, **moe_kwargs):
-    # capacity_factor 4 = E/k: a shard can never overflow an expert, so
-    # the mesh keeps every token the dropless single-device layer keeps.
+def _mixture(kind, **kwargs):
+    """An 8-expert layer; capacity_factor 4 = E / (experts per token) (and
+    groups / k_primary = 2 for the groups): a batch shard can never
+    overflow a buffer, so the mesh keeps every token the dropless
+    single-device layer keeps."""
+    kwargs.setdefault("capacity_factor", 4.0)
+    if kind == "moe":
+        return tf_moe.MoE(NUM_EXPERTS, 16, k=2, **kwargs)
+    return tf_moe.HierarchicalMoE(4, NUM_EXPERTS // 4, 16, k_primary=2,
+                                  k_secondary=1, **kwargs)
+
+
+def _model(kind="moe", **moe_kwargs):
     keras.utils.set_random_seed(7)
     return keras.Sequential([
         keras.Input((WIDTH,)),
         keras.layers.Dense(8),
-        tf_moe.MoE(NUM_EXPERTS, 16, k=2, capacity_factor=capacity_factor,
-                   **moe_kwargs),
+        _mixture(kind, **moe_kwargs),
         keras.layers.Dense(1),
     ])
 
@@ -79,14 +88,16 @@ def _mesh_model(spec, **kwargs):
     return model, optimizer, trainer, placement
 
 
-@pytest.mark.parametrize("spec", ["batch:1,expert:8", "batch:2,expert:4",
-                                  "batch:4,expert:2", "batch:8,expert:1",
-                                  "devices:8"])
-def test_mesh_step_equals_single_device(spec):
+@pytest.mark.parametrize("kind, spec", [
+    ("moe", "batch:1,expert:8"), ("moe", "batch:2,expert:4"),
+    ("moe", "batch:4,expert:2"), ("moe", "batch:8,expert:1"),
+    ("moe", "devices:8"), ("hmoe", "batch:2,expert:4"),
+    ("hmoe", "batch:8,expert:1"), ("hmoe", "devices:8")])
+def test_mesh_step_equals_single_device(kind, spec):
     x, y = _batch()
-    single = _model()
+    single = _model(kind)
     single_optimizer = keras.optimizers.Adam(0.01)
-    model, _, trainer, placement = _mesh_model(spec)
+    model, _, trainer, placement = _mesh_model(spec, kind=kind)
     # Same weights, same routing (the noise is drawn whole on every device).
     sharding.set_weights(model, single.get_weights())
 
@@ -163,11 +174,12 @@ def test_mesh_errors_name_the_problem():
     with placement.scope():
         with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
             tf_moe.MoE(6, 4, k=2).build((None, 3))
-        with pytest.raises(ValueError, match="HierarchicalMoE cannot be "
-                                             "built on a DTensor mesh"):
-            tf_moe.HierarchicalMoE(2, 4, 4).build((None, 3))
-        with pytest.raises(ValueError, match="gating='batchwise' cannot run"):
-            tf_moe.MoE(8, 4, k=2, gating="batchwise").build((None, 3))
+        with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
+            tf_moe.HierarchicalMoE(2, 3, 4).build((None, 3))
+        for kind in ("moe", "hmoe"):
+            with pytest.raises(ValueError,
+                               match="gating='batchwise' cannot run"):
+                _mixture(kind, gating="batchwise").build((None, 3))
     with pytest.raises(ValueError, match="batch of 5 is not divisible by the "
                                          "size 2 of mesh axis 'batch'"):
         placement.shard_batch(np.zeros((5, 3)))

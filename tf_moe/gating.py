@@ -146,13 +146,31 @@ class NoisyTopKGate(keras.layers.Layer):
                 name="noise_kernel", shape=shape,
                 initializer=self.kernel_initializer, autocast=False)
 
-    def route(self, clean_logits, noise_logits=None, training=None):
+    def draw_noise(self, shape, dtype):
+        """Standard normal noise of `shape` from the gate's seed stream."""
+        noise = keras.random.normal(shape, dtype=dtype,
+                                    seed=self.seed_generator)
+        if self._placement is not None:
+            # Drawn whole on every device, so that the noise (and the
+            # routing) is the same on any mesh as on one device; DTensor
+            # would otherwise draw each shard's rows from a stream of its
+            # own.
+            noise = dtensor.relayout(
+                noise, self._placement.replicated(noise.shape.rank))
+        return noise
+
+    def route(self, clean_logits, noise_logits=None, training=None,
+              noise=None):
         """Top-k routing of rows of logits.
 
         Args:
             clean_logits: `[rows, E]` x . W_g.
             noise_logits: `[rows, E]` x . W_noise (noisy gates only).
             training: adds noise when true.
+            noise: optional `[rows, E]` standard normal noise to use in
+                training instead of drawing it: a caller whose rows are
+                laid out differently on a mesh than on one device draws
+                the noise per token and moves it with the rows.
 
         Returns:
             A `Routing`: expert_ids and gate_weights `[rows, k]`, and for a
@@ -163,16 +181,9 @@ class NoisyTopKGate(keras.layers.Layer):
         if self.noisy_gating:
             noise_stddev = tf.nn.softplus(noise_logits) + self.noise_epsilon
             if training:
-                noise = keras.random.normal(
-                    tf.shape(clean_logits), dtype=clean_logits.dtype,
-                    seed=self.seed_generator)
-                if self._placement is not None:
-                    # Drawn whole on every device, so that the noise (and
-                    # the routing) is the same on any mesh as on one
-                    # device; DTensor would otherwise draw each shard's rows
-                    # from a stream of its own.
-                    noise = dtensor.relayout(
-                        noise, self._placement.replicated(2))
+                if noise is None:
+                    noise = self.draw_noise(tf.shape(clean_logits),
+                                            clean_logits.dtype)
                 logits = clean_logits + noise * noise_stddev
         # With k+1 values the load estimator finds kth_excluding for every
         # expert from the same top_k call that picks the experts.

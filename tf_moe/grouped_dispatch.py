@@ -124,9 +124,10 @@ def make_grouped_plan(expert_ids, num_experts, capacity, token_mask=None,
                        capacity=capacity)
 
 
-def _gather_padded(values, indices):
-    """`values[g, indices[g]]` for `[G, n, ...]` values; index n gives 0."""
-    pad = tf.zeros_like(values[:, :1])
+def gather_padded(values, indices):
+    """`values[g, indices[g]]` for `[G, n, ...]` values; index n (the
+    plan's one-past-the-end "none") gives zero (False)."""
+    pad = tf.zeros_like(values[:, :1])  # Keeps the values' layout.
     return tf.gather(tf.concat([values, pad], axis=1), indices, batch_dims=1)
 
 
@@ -149,10 +150,10 @@ def dispatch(tokens, plan, num_experts):
 
     @tf.custom_gradient
     def gather_into_rows(tokens):
-        rows = _gather_padded(tokens, plan.row_token)
+        rows = gather_padded(tokens, plan.row_token)
 
         def grad(d_rows):
-            return tf.reduce_sum(_gather_padded(d_rows, plan.slot_row),
+            return tf.reduce_sum(gather_padded(d_rows, plan.slot_row),
                                  axis=2)
 
         return rows, grad
@@ -178,11 +179,11 @@ def combine(expert_outputs, plan, gate_weights):
 
     @tf.custom_gradient
     def gather_from_rows(rows):
-        slot_outputs = _gather_padded(rows, plan.slot_row)  # [G, S, k, d]
+        slot_outputs = gather_padded(rows, plan.slot_row)  # [G, S, k, d]
 
         def grad(d_slot_outputs):
             d_slots = tf.reshape(d_slot_outputs, [num_groups, -1, d_out])
-            return _gather_padded(d_slots, plan.row_slot)
+            return gather_padded(d_slots, plan.row_slot)
 
         return slot_outputs, grad
 

@@ -1,31 +1,45 @@
 """The two-level hierarchical Mixture-of-Experts (paper appendix B)."""
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
+from tensorflow.experimental import dtensor
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
+from tf_moe import grouped_dispatch
 from tf_moe.experts import grouped_matmul
-from tf_moe.gating import BatchwiseGate, GateOutput, NoisyTopKGate, Routing
+from tf_moe.gating import BatchwiseGate, GateOutput, NoisyTopKGate
 from tf_moe.gating import balanced_capacity
 from tf_moe.mixture import MixtureOfExperts, check_positive_int
 
 
-class GroupRows(NamedTuple):
-    """The secondary gates' decisions for the rows of the group buffers.
+class SecondarySlots(NamedTuple):
+    """The secondary gates' decisions for every primary slot of every token.
 
     Attributes:
-        routing: a `Routing` over the rows (main rows, then overflow rows),
-            expert ids within the row's group.
-        row_valid: `[rows]` bool, the row holds a token (not padding).
-        row_groups: `[rows]` int32, the group of each row.
+        expert_ids: `[tokens, k_primary, k_secondary]` int32, experts within
+            the slot's group.
+        gate_weights: `[tokens, k_primary, k_secondary]` secondary weights.
+        slot_mask: `[tokens, k_primary, k_secondary]` bool, routed (the
+            primary slot was kept by its group, and the secondary slot is
+            real).
+        group_load: `[groups, experts_per_group]` sum over the group's
+            tokens of the selection probability P(x, j) (noisy gates), or
+            None.
+        group_tokens: `[groups]` float tokens each group received.
+        threshold_loss: the batchwise secondary gate's loss, or None.
+        num_dropped: scalar int32, primary slots a full group dropped.
     """
 
-    routing: Routing
-    row_valid: tf.Tensor
-    row_groups: tf.Tensor
+    expert_ids: tf.Tensor
+    gate_weights: tf.Tensor
+    slot_mask: tf.Tensor
+    group_load: Optional[tf.Tensor]
+    group_tokens: tf.Tensor
+    threshold_loss: Optional[tf.Tensor]
+    num_dropped: tf.Tensor
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
@@ -135,15 +149,6 @@ class HierarchicalMoE(MixtureOfExperts):
                 experts_per_group, k_secondary, num_groups=num_groups,
                 name="secondary_gate", **noise, **secondary_kwargs)
 
-    def _check_mesh_support(self):
-        # Its group dispatch (tokens into group buffers for the secondary
-        # gates) is the dynamic single-device plan, whose searchsorted has
-        # no DTensor layout propagation.
-        raise ValueError(
-            f"{self.name}: HierarchicalMoE cannot be built on a DTensor mesh "
-            "yet (built under a MeshPlacement scope); train it data-parallel "
-            "under tf.distribute, or use MoE on the mesh.")
-
     def _build_gates(self, model_dim):
         self.primary_gate.build((None, model_dim))
         self.secondary_gate.build((None, model_dim))
@@ -151,48 +156,46 @@ class HierarchicalMoE(MixtureOfExperts):
     def _route(self, tokens, token_mask, training):
         primary = self.primary_gate(tokens, token_mask=token_mask,
                                     training=training)
-        group_plan = dispatch_lib.make_dispatch_plan(
-            primary.expert_ids, self.num_groups,
-            capacity=self._group_capacity(tokens, token_mask, training),
-            token_mask=token_mask, slot_mask=primary.slot_mask)
-        rows = self._secondary_rows(tokens, group_plan, training)
-        secondary = rows.routing
+        # The secondary noise is drawn per (token, primary slot) and moves
+        # with the slot into its group's rows, so the routing does not
+        # depend on how the rows are laid out (one device or a mesh).
+        noise = None
+        if self.noisy_gating and training:
+            noise = self.secondary_gate.draw_noise(
+                [tf.shape(tokens)[0], self.k_primary,
+                 self.experts_per_group], self.secondary_gate.compute_dtype)
+        if self._placement is None:
+            slots = self._secondary_on_device(tokens, token_mask, primary,
+                                              noise, training)
+        else:
+            slots = self._secondary_on_mesh(tokens, token_mask, primary,
+                                            noise, training)
 
-        # Back from group rows to each token's primary slots: [T, k1, k2].
-        slot_row = group_plan.slot_buffer_row
-        row_expert_ids = dispatch_lib.gather_padded(secondary.expert_ids,
-                                                    slot_row, 0)
-        row_weights = dispatch_lib.gather_padded(secondary.gate_weights,
-                                                 slot_row, 0.0)
-        slot_mask = dispatch_lib.gather_padded(
-            tf.ones_like(secondary.expert_ids, tf.bool)
-            if secondary.slot_mask is None else secondary.slot_mask,
-            slot_row, False)
         primary_ids = primary.expert_ids[:, :, None]
-        expert_ids = primary_ids * self.experts_per_group + row_expert_ids
+        expert_ids = primary_ids * self.experts_per_group + slots.expert_ids
         gate_weights = (primary.gate_weights[:, :, None]
-                        * tf.cast(row_weights, primary.gate_weights.dtype))
-        slot_mask &= group_plan.slot_kept[:, :, None]
+                        * tf.cast(slots.gate_weights,
+                                  primary.gate_weights.dtype))
 
-        def flat(x):
+        def flat(x):  # [T, k1, k2] -> [T, k1 * k2]
             return tf.reshape(x, [tf.shape(x)[0], -1])
 
         expert_ids, gate_weights, slot_mask = (
-            flat(expert_ids), flat(gate_weights), flat(slot_mask))
+            flat(expert_ids), flat(gate_weights), flat(slots.slot_mask))
         importance = balance.importance(expert_ids, gate_weights,
                                         self.num_experts)
         load = None
         if primary.load is not None:
-            load = self._hierarchical_load(primary.load, rows)
+            load = self._hierarchical_load(primary.load, slots)
         threshold_loss = None
         if primary.threshold_loss is not None:
-            threshold_loss = primary.threshold_loss + secondary.threshold_loss
+            threshold_loss = primary.threshold_loss + slots.threshold_loss
         gate_output = GateOutput(expert_ids, gate_weights, importance, load,
                                  slot_mask=slot_mask,
                                  threshold_loss=threshold_loss)
         # A token dropped by a full group would have gone to k_secondary of
         # its experts.
-        return gate_output, group_plan.num_dropped * self.k_secondary
+        return gate_output, slots.num_dropped * self.k_secondary
 
     def _group_capacity(self, tokens, token_mask, training):
         if self.gating == "batchwise" and training:
@@ -206,15 +209,39 @@ class HierarchicalMoE(MixtureOfExperts):
             return capacity if fixed is None else tf.minimum(capacity, fixed)
         return self._capacity(tokens, self.num_groups, self.k_primary)
 
-    def _secondary_rows(self, tokens, group_plan, training):
-        """Runs each group's gate on the tokens in its buffer: `GroupRows`."""
+    def _secondary_kernel(self):
+        """`[groups, d, B]` (`[groups, d, 2B]`: gate, then noise kernel)."""
         gate = self.secondary_gate
-        main, overflow = dispatch_lib.dispatch(tokens, group_plan)
-        dtype = gate.compute_dtype
         kernel = tf.convert_to_tensor(gate.gate_kernel)
         if self.noisy_gating:
             # One grouped matmul for the gate and the noise logits.
             kernel = tf.concat([kernel, gate.noise_kernel], axis=-1)
+        return kernel
+
+    def _route_rows(self, logits, noise, row_valid, row_groups, training):
+        """The secondary gate on `[rows, B or 2B]` logits of group rows."""
+        gate = self.secondary_gate
+        if self.gating == "batchwise":
+            return gate.route(logits, row_valid, training=training,
+                              row_groups=row_groups,
+                              num_segments=self.num_groups)
+        if self.noisy_gating:
+            clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
+            return gate.route(clean_logits, noise_logits, training=training,
+                              noise=noise)
+        return gate.route(logits, training=training)
+
+    def _secondary_on_device(self, tokens, token_mask, primary, noise,
+                             training):
+        """Tokens into dropless (or fixed) group buffers, each group's gate
+        as a grouped matmul over them, and back: `SecondarySlots`."""
+        group_plan = dispatch_lib.make_dispatch_plan(
+            primary.expert_ids, self.num_groups,
+            capacity=self._group_capacity(tokens, token_mask, training),
+            token_mask=token_mask, slot_mask=primary.slot_mask)
+        main, overflow = dispatch_lib.dispatch(tokens, group_plan)
+        kernel = self._secondary_kernel()
+        dtype = self.secondary_gate.compute_dtype
         main_logits, overflow_logits = grouped_matmul(
             tf.cast(main, dtype), tf.cast(overflow, dtype), kernel,
             group_plan.overflow_experts)
@@ -227,32 +254,117 @@ class HierarchicalMoE(MixtureOfExperts):
             tf.repeat(tf.range(self.num_groups), group_plan.capacity),
             tf.repeat(group_plan.overflow_experts,
                       group_plan.overflow_capacity)], axis=0)
+        if noise is not None:  # Token-major slots, as buffer_slot counts.
+            noise = dispatch_lib.gather_padded(
+                tf.reshape(noise, [-1, self.experts_per_group]),
+                group_plan.buffer_slot)
+        routing = self._route_rows(logits, noise, row_valid, row_groups,
+                                   training)
 
-        if self.gating == "batchwise":
-            routing = gate.route(logits, row_valid, training=training,
-                                 row_groups=row_groups,
-                                 num_segments=self.num_groups)
-        elif self.noisy_gating:
-            clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
-            routing = gate.route(clean_logits, noise_logits,
-                                 training=training)
-        else:
-            routing = gate.route(logits, training=training)
-        return GroupRows(routing, row_valid, row_groups)
-
-    def _hierarchical_load(self, primary_load, rows):
-        """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""
-        row_weights = tf.cast(rows.row_valid, primary_load.dtype)
-        group_load = tf.math.unsorted_segment_sum(
-            rows.routing.selection_probability * row_weights[:, None],
-            rows.row_groups, self.num_groups)  # [G, B]
+        row_weights = tf.cast(row_valid, tf.float32)
+        group_load = None
+        if routing.selection_probability is not None:
+            group_load = tf.math.unsorted_segment_sum(
+                routing.selection_probability * row_weights[:, None],
+                row_groups, self.num_groups)
         group_tokens = tf.math.unsorted_segment_sum(
-            row_weights, rows.row_groups, self.num_groups)  # [G]
+            row_weights, row_groups, self.num_groups)
+
+        # Back from group rows to each token's primary slots: [T, k1, k2].
+        slot_row = group_plan.slot_buffer_row
+        slot_mask = dispatch_lib.gather_padded(
+            tf.ones_like(routing.expert_ids, tf.bool)
+            if routing.slot_mask is None else routing.slot_mask,
+            slot_row, False)
+        return SecondarySlots(
+            expert_ids=dispatch_lib.gather_padded(routing.expert_ids,
+                                                  slot_row, 0),
+            gate_weights=dispatch_lib.gather_padded(routing.gate_weights,
+                                                    slot_row, 0.0),
+            slot_mask=slot_mask & group_plan.slot_kept[:, :, None],
+            group_load=group_load, group_tokens=group_tokens,
+            threshold_loss=routing.threshold_loss,
+            num_dropped=group_plan.num_dropped)
+
+    def _secondary_on_mesh(self, tokens, token_mask, primary, noise,
+                           training):
+        """Each batch shard dispatches its tokens into its own group
+        buffers `[shards, groups, C1, d]` at a fixed capacity, where the
+        (replicated) group gates run as one einsum: no data moves between
+        devices until the expert dispatch. Returns `SecondarySlots`."""
+        placement = self._placement
+        num_tokens = self._check_static_tokens(tokens)
+        num_shards = placement.num_batch_shards
+        shard_size = num_tokens // num_shards
+        capacity = dispatch_lib.fixed_capacity(
+            shard_size, self.num_groups, self.k_primary,
+            self.capacity_factor or placement.capacity_factor)
+
+        def grouped(x):
+            return None if x is None else tf.reshape(
+                x, [num_shards, shard_size] + x.shape[1:].as_list())
+
+        plan = grouped_dispatch.make_grouped_plan(
+            grouped(primary.expert_ids), self.num_groups, capacity,
+            token_mask=grouped(token_mask),
+            slot_mask=grouped(primary.slot_mask))
+        buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
+                                            self.num_groups)
+        kernel = self._secondary_kernel()
+        logits = tf.einsum(
+            "gncd,nde->gnce",
+            tf.cast(buffers, self.secondary_gate.compute_dtype), kernel)
+        row_valid = plan.row_token < shard_size  # [shards, groups * C1]
+        if noise is not None:  # [T, k1, B] -> the rows' [shards, rows, B].
+            noise = dtensor.relayout(
+                tf.reshape(noise, [num_shards, -1, self.experts_per_group]),
+                placement.batch_sharded(3))
+            noise = tf.reshape(
+                grouped_dispatch.gather_padded(noise, plan.row_slot),
+                [-1, self.experts_per_group])
+        routing = self._route_rows(
+            tf.reshape(logits, [-1, kernel.shape[-1]]), noise,
+            tf.reshape(row_valid, [-1]), None, training)
+
+        def per_group(x):  # [rows, ...] -> [shards, groups, C1, ...]
+            return tf.reshape(x, [num_shards, self.num_groups, capacity]
+                              + x.shape[1:].as_list())
+
+        row_weights = tf.cast(row_valid, tf.float32)
+        group_load = None
+        if routing.selection_probability is not None:
+            group_load = tf.reduce_sum(
+                per_group(routing.selection_probability)
+                * per_group(tf.reshape(row_weights, [-1]))[..., None],
+                axis=[0, 2])
+        group_tokens = tf.reduce_sum(per_group(tf.reshape(row_weights, [-1])),
+                                     axis=[0, 2])
+
+        def to_slots(x):  # [rows, k2] -> [T, k1, k2]
+            x = tf.reshape(x, [num_shards, -1, self.k_secondary])
+            x = grouped_dispatch.gather_padded(x, plan.slot_row)
+            return tf.reshape(x, [num_tokens, self.k_primary,
+                                  self.k_secondary])
+
+        slot_kept = tf.reshape(plan.slot_kept, [num_tokens, self.k_primary])
+        slot_mask = to_slots(tf.ones_like(routing.expert_ids, tf.bool)
+                             if routing.slot_mask is None
+                             else routing.slot_mask)
+        return SecondarySlots(
+            expert_ids=to_slots(routing.expert_ids),
+            gate_weights=to_slots(routing.gate_weights),
+            slot_mask=slot_mask & slot_kept[:, :, None],
+            group_load=group_load, group_tokens=group_tokens,
+            threshold_loss=None, num_dropped=plan.num_dropped)
+
+    def _hierarchical_load(self, primary_load, slots):
+        """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""
         # |X_i| and Load_i over all replicas' tokens; Load_primary stays
         # local (the layer sums Load_H over replicas, and the factor below
         # is the same on every replica).
         group_load, group_tokens = balance.sum_over_replicas(
-            [group_load, group_tokens])
+            [tf.cast(slots.group_load, primary_load.dtype),
+             tf.cast(slots.group_tokens, primary_load.dtype)])
         per_token = tf.where(
             group_tokens[:, None] > 0,
             tf.math.divide_no_nan(group_load, group_tokens[:, None]),

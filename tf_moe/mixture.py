@@ -258,12 +258,7 @@ class MixtureOfExperts(keras.layers.Layer):
         all-to-all. Returns `([T, d_out], GroupedPlan)`."""
         placement = self._placement
         num_groups = placement.num_batch_shards
-        num_tokens = tokens.shape[0]
-        if num_tokens is None:
-            raise ValueError(
-                f"{self.name}: on a mesh the number of tokens must be static "
-                "(call the layer inside a tf.function traced on the batch).")
-        placement.check_batch(num_tokens, what="number of tokens")
+        num_tokens = self._check_static_tokens(tokens)
         group_size = num_tokens // num_groups
         capacity_factor = self.capacity_factor or placement.capacity_factor
         capacity = dispatch_lib.fixed_capacity(
@@ -287,6 +282,17 @@ class MixtureOfExperts(keras.layers.Layer):
         outputs = grouped_dispatch.combine(
             expert_outputs, plan, grouped(gate_output.gate_weights))
         return tf.reshape(outputs, [num_tokens, -1]), plan
+
+    def _check_static_tokens(self, tokens):
+        """The number of `[T, d]` tokens, which on a mesh must be static and
+        divisible by the batch axis."""
+        num_tokens = tokens.shape[0]
+        if num_tokens is None:
+            raise ValueError(
+                f"{self.name}: on a mesh the number of tokens must be static "
+                "(call the layer inside a tf.function traced on the batch).")
+        self._placement.check_batch(num_tokens, what="number of tokens")
+        return num_tokens
 
     def _capacity(self, tokens, num_experts, experts_per_token):
         """The fixed per-expert capacity, or None (dropless)."""

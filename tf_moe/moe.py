@@ -27,10 +27,12 @@ class MoE(MixtureOfExperts):
     at inference (see `BatchwiseGate`); its L_batchwise joins the losses.
 
     Metrics (in `model.fit` logs, prefixed with the layer name):
-    `importance_loss`, `load_loss`, `load_cv` (CV of the tokens each expert
+    `importance_loss`, `load_loss`, `importance_cv` (CV of Importance),
+    `load_cv` and `load_max_over_mean` (of the tokens each expert
     received), `dropped_fraction` (slots past the capacity), and with
-    batchwise gating `threshold_loss`. The token count of each expert in
-    the last call is in `expert_token_counts`.
+    batchwise gating `threshold_loss`; `routing_metrics()` returns them.
+    The token count of each expert in the last call is in
+    `expert_token_counts`.
 
     Args:
         num_experts: E, the number of experts.

@@ -292,22 +292,13 @@ class HierarchicalMoE(MixtureOfExperts):
         buffers `[shards, groups, C1, d]` at a fixed capacity, where the
         (replicated) group gates run as one einsum: no data moves between
         devices until the expert dispatch. Returns `SecondarySlots`."""
-        placement = self._placement
-        num_tokens = self._check_static_tokens(tokens)
-        num_shards = placement.num_batch_shards
+        plan, grouped = self._plan_per_shard(
+            tokens, token_mask, primary.expert_ids, primary.slot_mask,
+            self.num_groups, self.k_primary)
+        num_tokens = tokens.shape[0]
+        num_shards = self._placement.num_batch_shards
         shard_size = num_tokens // num_shards
-        capacity = dispatch_lib.fixed_capacity(
-            shard_size, self.num_groups, self.k_primary,
-            self.capacity_factor or placement.capacity_factor)
-
-        def grouped(x):
-            return None if x is None else tf.reshape(
-                x, [num_shards, shard_size] + x.shape[1:].as_list())
-
-        plan = grouped_dispatch.make_grouped_plan(
-            grouped(primary.expert_ids), self.num_groups, capacity,
-            token_mask=grouped(token_mask),
-            slot_mask=grouped(primary.slot_mask))
+        capacity = plan.capacity
         buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
                                             self.num_groups)
         kernel = self._secondary_kernel()
@@ -318,7 +309,7 @@ class HierarchicalMoE(MixtureOfExperts):
         if noise is not None:  # [T, k1, B] -> the rows' [shards, rows, B].
             noise = dtensor.relayout(
                 tf.reshape(noise, [num_shards, -1, self.experts_per_group]),
-                placement.batch_sharded(3))
+                self._placement.batch_sharded(3))
             noise = tf.reshape(
                 grouped_dispatch.gather_padded(noise, plan.row_slot),
                 [-1, self.experts_per_group])

@@ -257,22 +257,9 @@ class MixtureOfExperts(keras.layers.Layer):
         buffers; relayouting them to the experts' devices and back is the
         all-to-all. Returns `([T, d_out], GroupedPlan)`."""
         placement = self._placement
-        num_groups = placement.num_batch_shards
-        num_tokens = self._check_static_tokens(tokens)
-        group_size = num_tokens // num_groups
-        capacity_factor = self.capacity_factor or placement.capacity_factor
-        capacity = dispatch_lib.fixed_capacity(
-            group_size, self.num_experts, self.experts_per_token,
-            capacity_factor)
-
-        def grouped(x):
-            return None if x is None else tf.reshape(
-                x, [num_groups, group_size] + x.shape[1:].as_list())
-
-        plan = grouped_dispatch.make_grouped_plan(
-            grouped(gate_output.expert_ids), self.num_experts, capacity,
-            token_mask=grouped(token_mask),
-            slot_mask=grouped(gate_output.slot_mask))
+        plan, grouped = self._plan_per_shard(
+            tokens, token_mask, gate_output.expert_ids, gate_output.slot_mask,
+            self.num_experts, self.experts_per_token)
         buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
                                             self.num_experts)
         buffers = dtensor.relayout(buffers, placement.buffer_layout())
@@ -281,7 +268,33 @@ class MixtureOfExperts(keras.layers.Layer):
             expert_outputs, placement.batch_sharded(4))
         outputs = grouped_dispatch.combine(
             expert_outputs, plan, grouped(gate_output.gate_weights))
-        return tf.reshape(outputs, [num_tokens, -1]), plan
+        return tf.reshape(outputs, [tokens.shape[0], -1]), plan
+
+    def _plan_per_shard(self, tokens, token_mask, expert_ids, slot_mask,
+                        num_experts, experts_per_token):
+        """On a mesh, every batch shard's plan for its own `[num_experts,
+        C, d]` buffers at a fixed capacity C.
+
+        Returns:
+            `(plan, grouped)`: the `GroupedPlan`, and `grouped(x)`, which
+            splits a `[T, ...]` tensor into `[shards, T / shards, ...]`
+            (None stays None).
+        """
+        placement = self._placement
+        num_shards = placement.num_batch_shards
+        shard_size = self._check_static_tokens(tokens) // num_shards
+        capacity = dispatch_lib.fixed_capacity(
+            shard_size, num_experts, experts_per_token,
+            self.capacity_factor or placement.capacity_factor)
+
+        def grouped(x):
+            return None if x is None else tf.reshape(
+                x, [num_shards, shard_size] + x.shape[1:].as_list())
+
+        plan = grouped_dispatch.make_grouped_plan(
+            grouped(expert_ids), num_experts, capacity,
+            token_mask=grouped(token_mask), slot_mask=grouped(slot_mask))
+        return plan, grouped
 
     def _check_static_tokens(self, tokens):
         """The number of `[T, d]` tokens, which on a mesh must be static and

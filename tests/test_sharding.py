@@ -7,6 +7,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 
 import keras
 import numpy as np
@@ -25,15 +26,17 @@ WIDTH = 6
 
 
 def _mixture(kind, **kwargs):
-    """An 8-expert layer; capacity_factor 4 = E / (experts per token) (and
-    groups / k_primary = 2 for the groups): a batch shard can never
-    overflow a buffer, so the mesh keeps every token the dropless
-    single-device layer keeps."""
+    """8 experts, or 4 groups of 4 for "hmoe". capacity_factor 4 = E /
+    (experts per token) (and groups / k_primary = 2 for the groups): a
+    batch shard can never overflow a buffer, so the mesh keeps every token
+    the dropless single-device layer keeps. (k >= 2 at every level: a
+    top-1 softmax gives its gate no gradient, and Adam would scale float
+    noise up to full steps.)"""
     kwargs.setdefault("capacity_factor", 4.0)
     if kind == "moe":
         return tf_moe.MoE(NUM_EXPERTS, 16, k=2, **kwargs)
-    return tf_moe.HierarchicalMoE(4, NUM_EXPERTS // 4, 16, k_primary=2,
-                                  k_secondary=1, **kwargs)
+    return tf_moe.HierarchicalMoE(4, 4, 16, k_primary=2, k_secondary=2,
+                                  **kwargs)
 
 
 def _model(kind="moe", **moe_kwargs):
@@ -255,7 +258,8 @@ def _mirrored():
         cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
-def test_mirrored_fit_equals_single_device_fit():
+@pytest.mark.parametrize("kind", ["moe", "hmoe"])
+def test_mirrored_fit_equals_single_device_fit(kind):
     # Without noise the routing is deterministic, so replicas (4 tokens
     # each) and one device (16) route alike; the importance loss needs the
     # all-reduced Importance to match.
@@ -263,7 +267,7 @@ def test_mirrored_fit_equals_single_device_fit():
 
     def fitted(strategy):
         with strategy.scope():
-            model = _model(capacity_factor=None, noisy_gating=False,
+            model = _model(kind, capacity_factor=None, noisy_gating=False,
                            importance_weight=1.0)
             model.compile(keras.optimizers.Adam(0.01), "mse")
         history = model.fit(x, y, batch_size=16, epochs=1, shuffle=False,
@@ -279,11 +283,13 @@ def test_mirrored_fit_equals_single_device_fit():
                                    atol=1e-5, err_msg=want.path)
 
 
-def test_mirrored_balancing_losses_equal_single_device():
-    # Importance and Load are all-reduced before their CV^2: each replica's
-    # add_loss term equals the single-device loss on the global batch.
+@pytest.mark.parametrize("kind", ["moe", "hmoe"])
+def test_mirrored_balancing_losses_equal_single_device(kind):
+    # Importance and Load (the hierarchical layer's |X_i| and Load_i too)
+    # are all-reduced before their CV^2: each replica's add_loss term
+    # equals the single-device loss on the global batch.
     x, _ = _batch(num=16)
-    model = _model(capacity_factor=None)
+    model = _model(kind, capacity_factor=None)
     model(x)
     want = float(tf.add_n(model.losses))
     strategy = _mirrored()
@@ -303,6 +309,49 @@ def test_mirrored_balancing_losses_equal_single_device():
     for loss in losses:
         np.testing.assert_allclose(float(loss), want, rtol=1e-5)
     assert want > 1e-4  # the check is not vacuous
+
+
+def test_batchwise_layers_fit_under_collective_mirrored(tmp_path):
+    # Collective all-reduce (MirroredStrategy's default on CPUs) in a fresh
+    # process: group keys are process-wide, and this file's meshes hold
+    # some. Batchwise gating balances each replica's own (masked) tokens.
+    script = textwrap.dedent("""
+        import numpy as np
+        import tensorflow as tf
+        from tf_moe import sharding
+        sharding.configure_logical_cpus(4)
+        import keras
+        import tf_moe
+        strategy = tf.distribute.MirroredStrategy(
+            [f"/CPU:{i}" for i in range(4)])
+        assert "Collective" in type(strategy.extended._cross_device_ops).__name__
+        rng = np.random.default_rng(0)
+        lengths = rng.integers(0, 11, size=(64, 1))
+        x = np.where(np.arange(10) < lengths, rng.integers(1, 50, (64, 10)), 0)
+        y = rng.normal(size=(64, 10, 1)).astype("float32")
+        for layer in (tf_moe.MoE(8, 16, k=2, gating="batchwise"),
+                      tf_moe.HierarchicalMoE(4, 2, 16, k_primary=2,
+                                             k_secondary=1,
+                                             gating="batchwise")):
+            with strategy.scope():
+                model = keras.Sequential([
+                    keras.Input((10,), dtype="int32"),
+                    keras.layers.Embedding(50, 8, mask_zero=True), layer,
+                    keras.layers.Dense(1)])
+                model.compile(keras.optimizers.Adam(0.01), "mse")
+            losses = model.fit(x, y, batch_size=16, epochs=2,
+                               verbose=0).history["loss"]
+            assert np.all(np.isfinite(losses)), losses
+            print(layer.name, "fit", losses)
+    """)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run([sys.executable, "-c", script], env=env,
+                            cwd=str(tmp_path), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(" fit [") == 2, result.stdout
 
 
 def _free_ports(count):

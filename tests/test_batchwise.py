@@ -60,17 +60,33 @@ def test_slots_from_mask_renormalises_over_kept_experts():
     mask = tf.constant([[True, False, True],
                         [False, False, False],
                         [True, True, True]])
-    ids, weights, slot_mask = gating.slots_from_mask(probabilities, mask)
+    ids, weights, slot_mask, dropped = gating.slots_from_mask(probabilities,
+                                                              mask)
     assert ids.shape == (3, 3)
-    dense = np.zeros((3, 3))
-    for row in range(3):
-        for slot in range(3):
-            if slot_mask[row, slot]:
-                dense[row, ids[row, slot]] += weights[row, slot]
-    np.testing.assert_allclose(dense, [[0.5 / 0.7, 0, 0.2 / 0.7],
-                                       [0, 0, 0],
-                                       [0.3, 0.3, 0.4]], rtol=1e-6)
+    assert int(dropped) == 0
+
+    def dense(ids, weights, slot_mask):
+        out = np.zeros((3, 3))
+        for row in range(3):
+            for slot in range(ids.shape[1]):
+                if slot_mask[row, slot]:
+                    out[row, ids[row, slot]] += weights[row, slot]
+        return out
+
+    np.testing.assert_allclose(dense(ids, weights, slot_mask),
+                               [[0.5 / 0.7, 0, 0.2 / 0.7],
+                                [0, 0, 0],
+                                [0.3, 0.3, 0.4]], rtol=1e-6)
     assert np.all(weights.numpy()[~slot_mask.numpy()] == 0)
+    # At most 2 slots (a mesh's static shape): the last row keeps its best
+    # two (0.4 and the first 0.3) and drops one.
+    ids, weights, slot_mask, dropped = gating.slots_from_mask(
+        probabilities, mask, max_slots=2)
+    assert ids.shape == (3, 2) and int(dropped) == 1
+    np.testing.assert_allclose(dense(ids, weights, slot_mask),
+                               [[0.5 / 0.7, 0, 0.2 / 0.7],
+                                [0, 0, 0],
+                                [0.3 / 0.7, 0, 0.4 / 0.7]], rtol=1e-6)
 
 
 def test_threshold_loss_by_hand():

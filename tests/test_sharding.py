@@ -34,7 +34,7 @@ def _mixture(kind, **kwargs):
     noise up to full steps.)"""
     kwargs.setdefault("capacity_factor", 4.0)
     if kind == "moe":
-        return tf_moe.MoE(NUM_EXPERTS, 16, k=2, **kwargs)
+        return tf_moe.MoE(NUM_EXPERTS, 16, **dict(dict(k=2), **kwargs))
     return tf_moe.HierarchicalMoE(4, 4, 16, k_primary=2, k_secondary=2,
                                   **kwargs)
 
@@ -121,6 +121,61 @@ def test_mesh_step_equals_single_device(kind, spec):
                                    atol=1e-5, err_msg=want.path)
 
 
+def _per_shard_objective(model, x, y, shards):
+    """One device's equivalent of a mesh step with batchwise gating: every
+    batch shard balances its own tokens, so the layer runs shard by shard;
+    the MSE and the (per-token mean) threshold loss average over shards."""
+    total = 0.0
+    for xs, ys in zip(np.split(x, shards), np.split(y, shards)):
+        total += (tf.reduce_mean(tf.square(model(xs, training=True) - ys))
+                  + tf.add_n(model.losses))
+    return total / shards
+
+
+@pytest.mark.parametrize("kind, spec", [
+    ("moe", "batch:2,expert:4"), ("moe", "devices:8"),
+    ("hmoe", "batch:4,expert:2"), ("hmoe", "devices:8")])
+def test_batchwise_mesh_step_equals_one_device_shard_by_shard(kind, spec):
+    # A random gate breaks no ties, so tie-breaking order does not matter;
+    # k = E/2 (and 2 of 4 at each level) keeps every expert a token's
+    # batchwise mask gives it on the mesh too (at most 2k, all E here).
+    # The importance term is a global-batch CV^2 on the mesh: left out.
+    kwargs = dict(gating="batchwise", importance_weight=0.0,
+                  gate_initializer=keras.initializers.RandomNormal(
+                      stddev=1.0, seed=3))
+    if kind == "moe":
+        kwargs["k"] = NUM_EXPERTS // 2
+    x, y = _batch(num=32)
+    single = _model(kind, **kwargs)
+    model, _, trainer, placement = _mesh_model(spec, kind=kind, **kwargs)
+    sharding.set_weights(model, single.get_weights())
+    shards = placement.num_batch_shards
+
+    @tf.function
+    def single_gradients():
+        with tf.GradientTape() as tape:
+            loss = _per_shard_objective(single, x, y, shards)
+        return loss, tape.gradient(loss, single.trainable_variables)
+
+    with placement.scope():
+        mesh_loss, mesh_gradients = trainer._gradients(
+            placement.shard_batch(x), placement.shard_batch(y))
+    want_loss, want_gradients = single_gradients()
+    np.testing.assert_allclose(float(sharding.to_numpy(mesh_loss)),
+                               float(want_loss), rtol=1e-5)
+    for variable, got, want in zip(single.trainable_variables,
+                                   mesh_gradients, want_gradients):
+        np.testing.assert_allclose(sharding.to_numpy(got),
+                                   tf.convert_to_tensor(want).numpy(),
+                                   atol=1e-5, err_msg=variable.path)
+    # Strictly balanced: every expert took the same tokens from every shard.
+    counts = sharding.to_numpy(model.layers[1].expert_token_counts)
+    assert np.all(counts == counts[0]) and counts[0] > 0, counts
+    # At inference the thresholds route each token alone: any batch split.
+    np.testing.assert_allclose(trainer.predict(x),
+                               single(x, training=False).numpy(), atol=1e-5)
+
+
 def test_expert_weights_and_optimizer_slots_are_sharded():
     model, optimizer, trainer, placement = _mesh_model("batch:2,expert:4")
     trainer.train_step(*_batch())
@@ -179,10 +234,6 @@ def test_mesh_errors_name_the_problem():
             tf_moe.MoE(6, 4, k=2).build((None, 3))
         with pytest.raises(ValueError, match="num_experts=6 is not divisible"):
             tf_moe.HierarchicalMoE(2, 3, 4).build((None, 3))
-        for kind in ("moe", "hmoe"):
-            with pytest.raises(ValueError,
-                               match="gating='batchwise' cannot run"):
-                _mixture(kind, gating="batchwise").build((None, 3))
     with pytest.raises(ValueError, match="batch of 5 is not divisible by the "
                                          "size 2 of mesh axis 'batch'"):
         placement.shard_batch(np.zeros((5, 3)))

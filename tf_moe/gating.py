@@ -18,7 +18,7 @@ its own (bfloat16) call.
 """
 
 import math
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
@@ -43,6 +43,8 @@ class GateOutput(NamedTuple):
         slot_mask: optional `[tokens, k]` bool, the slots to route (None:
             every slot of every unmasked token).
         threshold_loss: optional scalar, the batchwise gate's L_batchwise.
+        num_dropped: scalar int32, assignments the gate decided but had no
+            slot for (the batchwise gate on a mesh), 0 otherwise.
     """
 
     expert_ids: tf.Tensor
@@ -51,6 +53,7 @@ class GateOutput(NamedTuple):
     load: Optional[tf.Tensor]
     slot_mask: Optional[tf.Tensor] = None
     threshold_loss: Optional[tf.Tensor] = None
+    num_dropped: Any = 0
 
 
 class Routing(NamedTuple):
@@ -61,6 +64,7 @@ class Routing(NamedTuple):
     selection_probability: Optional[tf.Tensor] = None
     slot_mask: Optional[tf.Tensor] = None
     threshold_loss: Optional[tf.Tensor] = None
+    num_dropped: Any = 0
 
 
 def _check_gate_args(num_experts, k, num_groups):
@@ -236,7 +240,8 @@ def balanced_capacity(num_valid, num_experts, k):
     return (k * num_valid + num_experts - 1) // num_experts
 
 
-def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
+def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None,
+                   max_per_expert=None):
     """M_batchwise: each expert keeps its top m rows of a segment.
 
     Args:
@@ -249,20 +254,21 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
             its own random order of the rows. Without it the first rows win
             every tie, and a zero-initialised gate (all values equal) would
             send the first m rows to every expert and none to the rest.
+        max_per_expert: optional static int >= every segment's m (on a
+            mesh, where shapes must be static); default: the largest m.
 
     Returns:
         `[segments, rows, E]` bool, exactly m True per (segment, expert).
     """
-    num_segments, num_rows, num_experts = tf.unstack(
-        tf.shape(log_probabilities))
+    num_rows, num_experts = tf.unstack(tf.shape(log_probabilities)[1:])
     num_valid = tf.reduce_sum(tf.cast(row_valid, tf.int32), axis=1)
     per_expert = balanced_capacity(num_valid, num_experts, k)  # m [S]
     keys = tf.where(row_valid[:, :, None], log_probabilities,
                     tf.constant(-math.inf, log_probabilities.dtype))
     keys = tf.transpose(keys, [0, 2, 1])  # [S, E, N]
-    # order[s, e, p]: the row expert e visits p-th; top_k prefers earlier
+    # order[e, p]: the row expert e visits p-th; top_k prefers earlier
     # positions among equal values.
-    order = tf.range(num_rows)[None, :]
+    order = tf.broadcast_to(tf.range(num_rows), [num_experts, num_rows])
     if shuffle_seed is not None:
         # One random order of the rows, then a random rotation of it per
         # expert, so that each expert breaks its ties differently.
@@ -272,48 +278,62 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None):
             * tf.cast(num_rows, tf.float32), tf.int32)
         order = tf.gather(shuffled,
                           (order + offsets) % tf.maximum(num_rows, 1))
-    order = tf.broadcast_to(order, tf.shape(keys))
-    keys = tf.gather(keys, order, batch_dims=2)
-    _, top_positions = tf.math.top_k(
-        keys, k=tf.reduce_max(tf.concat([per_expert, [0]], axis=0)))
-    top_rows = tf.gather(order, top_positions, batch_dims=2)  # [S, E, m_max]
-    taken = tf.range(tf.shape(top_rows)[2]) < per_expert[:, None, None]
-    taken = tf.broadcast_to(taken, tf.shape(top_rows))
-    segment = tf.broadcast_to(tf.range(num_segments)[:, None, None],
-                              tf.shape(top_rows))
-    expert = tf.broadcast_to(tf.range(num_experts)[None, :, None],
-                             tf.shape(top_rows))
-    coordinates = tf.stack([segment, top_rows, expert], axis=-1)
-    counts = tf.scatter_nd(tf.boolean_mask(coordinates, taken),
-                           tf.ones([tf.reduce_sum(tf.cast(taken, tf.int32))],
-                                   tf.int32),
-                           tf.shape(log_probabilities))
-    return counts > 0
+    keys = tf.gather(keys, tf.broadcast_to(order, tf.shape(keys)),
+                     batch_dims=2)  # In visiting order.
+    if max_per_expert is None:
+        max_per_expert = tf.reduce_max(tf.concat([per_expert, [0]], axis=0))
+    top_values, top_positions = tf.math.top_k(keys, k=max_per_expert)
+    # The m-th best (value, position) of each (segment, expert): a
+    # position is taken when it comes before it, ties going to the earlier
+    # position as in top_k. Compared rather than scattered, so that every
+    # op is batched over the segments (DTensor shards them).
+    last = tf.maximum(per_expert - 1, 0)[:, None, None]  # [S, 1, 1]
+    last = tf.broadcast_to(last, tf.concat([tf.shape(keys)[:2], [1]], 0))
+    mth_value = tf.gather(top_values, last, batch_dims=2)  # [S, E, 1]
+    mth_position = tf.gather(top_positions, last, batch_dims=2)
+    position = tf.range(num_rows)
+    taken = ((keys > mth_value)
+             | ((keys == mth_value) & (position <= mth_position)))
+    taken &= (per_expert > 0)[:, None, None]
+    # Back from visiting order to rows: row order[e, p] is position p.
+    inverse = tf.argsort(order, axis=1)  # [E, N]
+    taken = tf.gather(taken, tf.broadcast_to(inverse, tf.shape(taken)),
+                      batch_dims=2)
+    return tf.transpose(taken, [0, 2, 1])
 
 
-def slots_from_mask(probabilities, mask):
+def slots_from_mask(probabilities, mask, max_slots=None):
     """Turns a `[rows, E]` expert mask into padded routing slots.
 
-    `G(x)_i = p_i M_i / sum_j p_j M_j` (appendix F's renormalised gate).
+    `G(x)_i = p_i M_i / sum_j p_j M_j` (appendix F's renormalised gate),
+    over the experts the row keeps.
 
     Args:
         probabilities: `[rows, E]` softmax of the gate logits.
         mask: `[rows, E]` bool, the experts each row goes to.
+        max_slots: optional static int: a row keeps at most its
+            `max_slots` most probable masked experts (on a mesh, where
+            shapes must be static); default: the most any row has.
 
     Returns:
-        `(expert_ids, gate_weights, slot_mask)`, each `[rows, k_max]`, with
-        k_max the most experts any row has; rows with no expert get zero
-        weights (their output is zero).
+        `(expert_ids, gate_weights, slot_mask, num_dropped)`: the first
+        three `[rows, k_max]` (rows with no expert get zero weights, so
+        their output is zero), and the scalar int32 number of masked
+        experts past `max_slots`.
     """
     per_row = tf.reduce_sum(tf.cast(mask, tf.int32), axis=1)
-    most = tf.reduce_max(tf.concat([per_row, [0]], axis=0))
-    values, expert_ids = tf.math.top_k(
-        tf.where(mask, probabilities, -tf.ones_like(probabilities)), k=most)
+    if max_slots is None:
+        max_slots = tf.reduce_max(tf.concat([per_row, [0]], axis=0))
+    values, expert_ids = top_k_with_gather_gradient(
+        tf.where(mask, probabilities, -tf.ones_like(probabilities)),
+        max_slots)
     slot_mask = tf.gather(mask, expert_ids, batch_dims=1)
     kept = tf.where(slot_mask, values, tf.zeros_like(values))
     gate_weights = tf.math.divide_no_nan(
         kept, tf.reduce_sum(kept, axis=1, keepdims=True))
-    return expert_ids, gate_weights, slot_mask
+    num_dropped = (tf.reduce_sum(per_row)
+                   - tf.reduce_sum(tf.cast(slot_mask, tf.int32)))
+    return expert_ids, gate_weights, slot_mask, num_dropped
 
 
 def threshold_loss(log_probabilities, thresholds, threshold_mask, batch_mask,
@@ -383,8 +403,10 @@ class BatchwiseGate(keras.layers.Layer):
         self.seed = seed
         self.num_groups = num_groups
         self.seed_generator = keras.random.SeedGenerator(seed)
+        self._placement = None  # The MeshPlacement it was built under.
 
     def build(self, input_shape):
+        self._placement = sharding.current_placement()
         self.gate_kernel = self.add_weight(
             name="gate_kernel",
             shape=_weight_shape(self.num_groups, input_shape[-1],
@@ -407,12 +429,21 @@ class BatchwiseGate(keras.layers.Layer):
             row_groups: `[rows]` int32, each row's group (grouped gate).
             num_segments: in training, the rows are this many equal
                 segments balanced on their own (a hierarchical layer's
-                groups); each needs the same number of rows.
+                groups; on a mesh, each batch shard's rows too); each
+                needs the same number of rows.
 
         Returns:
             A `Routing` with expert_ids, gate_weights and slot_mask
-            `[rows, k_max]` and threshold_loss.
+            `[rows, k_max]`, threshold_loss and num_dropped. On a mesh
+            shapes are static: k_max is `min(E, 2k)`, a row keeps its most
+            probable experts up to it, and the rest count as dropped.
         """
+        max_per_expert = max_slots = None
+        if self._placement is not None:
+            rows_per_segment = clean_logits.shape[0] // num_segments
+            max_per_expert = int(balanced_capacity(rows_per_segment,
+                                                   self.num_experts, self.k))
+            max_slots = min(self.num_experts, 2 * self.k)
         log_probabilities = tf.nn.log_softmax(clean_logits, axis=-1)
         thresholds = tf.convert_to_tensor(self.thresholds)
         if row_groups is not None:
@@ -426,7 +457,8 @@ class BatchwiseGate(keras.layers.Layer):
             mask = tf.reshape(
                 batchwise_mask(segments(log_probabilities),
                                segments(row_valid), self.k,
-                               shuffle_seed=self.seed_generator),
+                               shuffle_seed=self.seed_generator,
+                               max_per_expert=max_per_expert),
                 tf.shape(log_probabilities))
             loss = threshold_loss(
                 log_probabilities, thresholds, threshold_mask, mask,
@@ -434,23 +466,28 @@ class BatchwiseGate(keras.layers.Layer):
         else:
             mask = threshold_mask
             loss = tf.zeros([], log_probabilities.dtype)
-        expert_ids, gate_weights, slot_mask = slots_from_mask(
-            tf.exp(log_probabilities), mask)
+        expert_ids, gate_weights, slot_mask, num_dropped = slots_from_mask(
+            tf.exp(log_probabilities), mask, max_slots)
         return Routing(expert_ids, gate_weights, slot_mask=slot_mask,
-                       threshold_loss=loss)
+                       threshold_loss=loss, num_dropped=num_dropped)
 
     def call(self, tokens, token_mask=None, training=None):
         tokens = tf.cast(tokens, self.compute_dtype)
         row_valid = (tf.ones(tf.shape(tokens)[:1], tf.bool)
                      if token_mask is None else tf.reshape(token_mask, [-1]))
+        # On a mesh every batch shard balances its own tokens, as every
+        # replica does under tf.distribute.
+        num_segments = (1 if self._placement is None
+                        else self._placement.num_batch_shards)
         routing = self.route(tf.matmul(tokens, self.gate_kernel), row_valid,
-                             training=training)
+                             training=training, num_segments=num_segments)
         importance = balance.importance(routing.expert_ids,
                                         routing.gate_weights,
                                         self.num_experts)
         return GateOutput(routing.expert_ids, routing.gate_weights,
                           importance, None, slot_mask=routing.slot_mask,
-                          threshold_loss=routing.threshold_loss)
+                          threshold_loss=routing.threshold_loss,
+                          num_dropped=routing.num_dropped)
 
     def get_config(self):
         config = super().get_config()

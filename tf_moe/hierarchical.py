@@ -30,7 +30,9 @@ class SecondarySlots(NamedTuple):
             None.
         group_tokens: `[groups]` float tokens each group received.
         threshold_loss: the batchwise secondary gate's loss, or None.
-        num_dropped: scalar int32, primary slots a full group dropped.
+        num_dropped: scalar int32, (token, expert) assignments lost: a
+            primary slot a full group dropped counts `k_secondary`, and
+            the secondary gate's own drops count too.
     """
 
     expert_ids: tf.Tensor
@@ -193,9 +195,10 @@ class HierarchicalMoE(MixtureOfExperts):
         gate_output = GateOutput(expert_ids, gate_weights, importance, load,
                                  slot_mask=slot_mask,
                                  threshold_loss=threshold_loss)
-        # A token dropped by a full group would have gone to k_secondary of
-        # its experts.
-        return gate_output, slots.num_dropped * self.k_secondary
+        # A token the primary gate had no slot for would have gone to
+        # k_secondary experts of its group.
+        return gate_output, (slots.num_dropped
+                             + primary.num_dropped * self.k_secondary)
 
     def _group_capacity(self, tokens, token_mask, training):
         if self.gating == "batchwise" and training:
@@ -218,13 +221,15 @@ class HierarchicalMoE(MixtureOfExperts):
             kernel = tf.concat([kernel, gate.noise_kernel], axis=-1)
         return kernel
 
-    def _route_rows(self, logits, noise, row_valid, row_groups, training):
-        """The secondary gate on `[rows, B or 2B]` logits of group rows."""
+    def _route_rows(self, logits, noise, row_valid, row_groups, training,
+                    num_segments=None):
+        """The secondary gate on `[rows, B or 2B]` logits of group rows
+        (batchwise: `num_segments` equal segments, default one a group)."""
         gate = self.secondary_gate
         if self.gating == "batchwise":
             return gate.route(logits, row_valid, training=training,
                               row_groups=row_groups,
-                              num_segments=self.num_groups)
+                              num_segments=num_segments or self.num_groups)
         if self.noisy_gating:
             clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
             return gate.route(clean_logits, noise_logits, training=training,
@@ -284,7 +289,8 @@ class HierarchicalMoE(MixtureOfExperts):
             slot_mask=slot_mask & group_plan.slot_kept[:, :, None],
             group_load=group_load, group_tokens=group_tokens,
             threshold_loss=routing.threshold_loss,
-            num_dropped=group_plan.num_dropped)
+            num_dropped=(group_plan.num_dropped * self.k_secondary
+                         + routing.num_dropped))
 
     def _secondary_on_mesh(self, tokens, token_mask, primary, noise,
                            training):
@@ -296,6 +302,7 @@ class HierarchicalMoE(MixtureOfExperts):
             tokens, token_mask, primary.expert_ids, primary.slot_mask,
             self.num_groups, self.k_primary)
         num_tokens = tokens.shape[0]
+        primary_slots = primary.expert_ids.shape[1]  # k1 (static k_max)
         num_shards = self._placement.num_batch_shards
         shard_size = num_tokens // num_shards
         capacity = plan.capacity
@@ -313,9 +320,15 @@ class HierarchicalMoE(MixtureOfExperts):
             noise = tf.reshape(
                 grouped_dispatch.gather_padded(noise, plan.row_slot),
                 [-1, self.experts_per_group])
+        # Rows are [shards, groups, C1]: batchwise gating balances each
+        # (shard, group) segment, as each replica's groups under
+        # tf.distribute.
+        row_groups = tf.tile(tf.repeat(tf.range(self.num_groups), capacity),
+                             [num_shards])
         routing = self._route_rows(
             tf.reshape(logits, [-1, kernel.shape[-1]]), noise,
-            tf.reshape(row_valid, [-1]), None, training)
+            tf.reshape(row_valid, [-1]), row_groups, training,
+            num_segments=num_shards * self.num_groups)
 
         def per_group(x):  # [rows, ...] -> [shards, groups, C1, ...]
             return tf.reshape(x, [num_shards, self.num_groups, capacity]
@@ -332,12 +345,12 @@ class HierarchicalMoE(MixtureOfExperts):
                                      axis=[0, 2])
 
         def to_slots(x):  # [rows, k2] -> [T, k1, k2]
-            x = tf.reshape(x, [num_shards, -1, self.k_secondary])
+            slots = x.shape[-1]  # k2, or the batchwise gate's static k_max
+            x = tf.reshape(x, [num_shards, -1, slots])
             x = grouped_dispatch.gather_padded(x, plan.slot_row)
-            return tf.reshape(x, [num_tokens, self.k_primary,
-                                  self.k_secondary])
+            return tf.reshape(x, [num_tokens, primary_slots, slots])
 
-        slot_kept = tf.reshape(plan.slot_kept, [num_tokens, self.k_primary])
+        slot_kept = tf.reshape(plan.slot_kept, [num_tokens, primary_slots])
         slot_mask = to_slots(tf.ones_like(routing.expert_ids, tf.bool)
                              if routing.slot_mask is None
                              else routing.slot_mask)
@@ -346,7 +359,9 @@ class HierarchicalMoE(MixtureOfExperts):
             gate_weights=to_slots(routing.gate_weights),
             slot_mask=slot_mask & slot_kept[:, :, None],
             group_load=group_load, group_tokens=group_tokens,
-            threshold_loss=None, num_dropped=plan.num_dropped)
+            threshold_loss=routing.threshold_loss,
+            num_dropped=plan.num_dropped * self.k_secondary
+            + routing.num_dropped)
 
     def _hierarchical_load(self, primary_load, slots):
         """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""

@@ -126,7 +126,6 @@ class MixtureOfExperts(keras.layers.Layer):
         # Built under a placement scope, the layer routes on its mesh.
         self._placement = sharding.current_placement()
         if self._placement is not None:
-            self._check_mesh_support()
             self._placement.check_num_experts(self.num_experts, self.name)
         self._build_gates(model_dim)
         self.experts = Experts(
@@ -140,16 +139,6 @@ class MixtureOfExperts(keras.layers.Layer):
         self.expert_token_counts = self.add_weight(
             name="expert_token_counts", shape=(self.num_experts,),
             dtype="int32", initializer="zeros", trainable=False)
-
-    def _check_mesh_support(self):
-        """Raises if this layer cannot be built on a mesh."""
-        if self.gating == "batchwise":
-            # Tokens get a variable number of experts: a dynamic k, which
-            # the mesh's static per-shard plan does not take.
-            raise ValueError(
-                f"{self.name}: gating='batchwise' cannot run on a DTensor "
-                "mesh yet; use 'noisy_top_k' there, or train data-parallel "
-                "under tf.distribute.")
 
     def _build_gates(self, model_dim):
         """Builds the subclass's gates for inputs of width `model_dim`."""

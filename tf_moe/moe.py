@@ -107,7 +107,7 @@ class MoE(MixtureOfExperts):
     def _route(self, tokens, token_mask, training):
         gate_output = self.gate(tokens, token_mask=token_mask,
                                 training=training)
-        return gate_output, 0
+        return gate_output, gate_output.num_dropped
 
     def get_config(self):
         config = super().get_config()

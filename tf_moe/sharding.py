@@ -331,6 +331,8 @@ class MeshTrainer:
         # (measured against the single-device step); split, they match it.
         self._gradients = tf.function(self._loss_and_gradients)
         self._apply = tf.function(self._apply_gradients)
+        self._predict = tf.function(
+            lambda x: self.model(x, training=False))
 
     def _loss_and_gradients(self, x, y):
         with tf.GradientTape() as tape:
@@ -355,6 +357,11 @@ class MeshTrainer:
             loss = self._step(self.placement.shard_batch(x),
                               self.placement.shard_batch(y))
         return float(to_numpy(loss))
+
+    def predict(self, x):
+        """The model's inference output on a global batch, as numpy."""
+        with self.placement.scope():
+            return to_numpy(self._predict(self.placement.shard_batch(x)))
 
 
 # Values off the mesh ---------------------------------------------------------

@@ -112,6 +112,18 @@ class Distribution:
             return self.placement.num_batch_shards
         return 1
 
+    def check_runs_lstms(self, model_name):
+        """Raises before training if this distribution cannot run a model
+        with LSTMs: Keras's LSTM loops over time with TensorList ops, which
+        DTensor (TF 2.21) cannot lay out. (Unrolled over a fixed length it
+        ran, but its updates drifted from one device's by 5e-4 and its
+        checkpoint, with the data iterator, failed to save.)"""
+        if self.placement is not None:
+            raise ValueError(
+                f"the LSTM {model_name} does not run on a DTensor mesh yet: "
+                "use --distribution=none or mirrored (tf_moe layers in "
+                "models without LSTMs do; see tf_moe.sharding).")
+
     def scope(self):
         if self.strategy is not None:
             return self.strategy.scope()

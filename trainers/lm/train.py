@@ -34,15 +34,7 @@ class LanguageModelRun(loop.TrainingRun):
         self.distribution = distribution
         data_lib.check_data_config(config.data)
         model_lib.check_model_config(config.model)
-        if distribution.placement is not None:
-            # Keras's LSTM loops over time with TensorList ops, which DTensor
-            # (TF 2.21) cannot lay out; unrolled over a fixed length it ran,
-            # but its updates drifted from one device's by 5e-4 and its
-            # checkpoint (with the data iterator) failed to save.
-            raise ValueError(
-                "the LSTM language model does not run on a DTensor mesh yet: "
-                "use --distribution=none or mirrored (tf_moe layers in "
-                "models without LSTMs do; see tf_moe.sharding).")
+        distribution.check_runs_lstms("language model")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source))

@@ -37,13 +37,7 @@ class TranslationRun(loop.TrainingRun):
         if config.decode.beam_size < 1:
             raise ValueError(f"config.decode.beam_size must be >= 1, got "
                              f"{config.decode.beam_size}.")
-        if distribution.placement is not None:
-            # As the LM trainer's: Keras's LSTM loops over time with
-            # TensorList ops, which DTensor (TF 2.21) cannot lay out.
-            raise ValueError(
-                "the LSTM translation model does not run on a DTensor mesh "
-                "yet: use --distribution=none or mirrored (tf_moe layers in "
-                "models without LSTMs do; see tf_moe.sharding).")
+        distribution.check_runs_lstms("translation model")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source, pairs=list(config.data.pairs)))

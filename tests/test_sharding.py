@@ -4,6 +4,7 @@ tests/conftest.py splits the CPU into 8 logical devices.
 """
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -449,3 +450,84 @@ def test_two_clients_end_with_the_weights_of_one_process(tmp_path):
     for name in single.files:
         np.testing.assert_allclose(multi[name], single[name], atol=1e-5,
                                    err_msg=name)
+
+
+_WORKER_SCRIPT = """
+import json, os
+import numpy as np
+import tensorflow as tf
+import keras
+import tf_moe
+strategy = tf.distribute.MultiWorkerMirroredStrategy()
+data = np.load("batch.npz")
+x, y = data["x"], data["y"]
+with strategy.scope():
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([
+        keras.Input((x.shape[1],)), keras.layers.Dense(8),
+        tf_moe.MoE(8, 16, k=2, noisy_gating=False, importance_weight=1.0),
+        keras.layers.Dense(1)])
+    optimizer = keras.optimizers.Adam(0.01)
+batches = strategy.experimental_distribute_dataset(
+    tf.data.Dataset.from_tensor_slices((x, y)).batch(16))
+
+@tf.function
+def train_step(batch):
+    def replica_step(inputs, targets):
+        with tf.GradientTape() as tape:
+            squares = tf.square(model(inputs, training=True) - targets)
+            # This replica's share: its examples over the global batch,
+            # and the (all-reduced, replica-equal) balancing loss over the
+            # replicas; the optimizer sums the replicas' gradients.
+            loss = (tf.reduce_sum(squares) / 16
+                    + tf.add_n(model.losses) / strategy.num_replicas_in_sync)
+        gradients = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply(gradients, model.trainable_variables)
+    strategy.run(replica_step, args=batch)
+
+for batch in batches:
+    train_step(batch)
+task = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+np.savez(f"worker{task}.npz", *[w.numpy() for w in model.weights])
+"""
+
+
+def test_multi_worker_training_equals_single_device(tmp_path):
+    # Two processes on 127.0.0.1 stand for two hosts of a
+    # MultiWorkerMirroredStrategy; the layers' all-reduces of Importance
+    # then cross processes. A custom loop: Keras 3.15's fit fails under
+    # this strategy before any layer runs (its symbolic build reduces a
+    # PerReplica batch). Same model and global batches as the mirrored
+    # test.
+    x, y = _batch(num=64)
+    np.savez(tmp_path / "batch.npz", x=x, y=y)
+    keras.utils.set_random_seed(7)
+    single = keras.Sequential([
+        keras.Input((WIDTH,)), keras.layers.Dense(8),
+        tf_moe.MoE(8, 16, k=2, noisy_gating=False, importance_weight=1.0),
+        keras.layers.Dense(1)])
+    single.compile(keras.optimizers.Adam(0.01), "mse")
+    single.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    workers = [f"localhost:{port}" for port in _free_ports(2)]
+    processes = []
+    for index in range(2):
+        config = {"cluster": {"worker": workers},
+                  "task": {"type": "worker", "index": index}}
+        env = dict(os.environ, TF_CONFIG=json.dumps(config),
+                   TF_CPP_MIN_LOG_LEVEL="3",
+                   PYTHONPATH=repo + os.pathsep
+                   + os.environ.get("PYTHONPATH", ""))
+        processes.append(subprocess.Popen(
+            [sys.executable, "-c", _WORKER_SCRIPT], env=env,
+            cwd=str(tmp_path), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    for process in processes:
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr[-3000:]
+    for index in range(2):
+        weights = np.load(tmp_path / f"worker{index}.npz")
+        for i, want in enumerate(single.weights):
+            np.testing.assert_allclose(weights[f"arr_{i}"], want.numpy(),
+                                       atol=1e-5, err_msg=want.path)

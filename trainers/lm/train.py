@@ -137,6 +137,10 @@ class LanguageModelRun(loop.TrainingRun):
               f"{result['perplexity_per_token']:.2f} ({result['words']} "
               f"words; {too_long} sentences over max_len left out)",
               flush=True)
+        for layer, metrics in result["routing"].items():
+            print(f"  {layer}: CV(Importance) {metrics['importance_cv']:.2f}, "
+                  f"CV(Load) {metrics['load_cv']:.2f}, max/mean load "
+                  f"{metrics['load_max_over_mean']:.2f}", flush=True)
         if writer is not None:
             with writer.as_default(step=result["step"]):
                 tf.summary.scalar(f"{split}/perplexity_per_word",

@@ -98,7 +98,10 @@ def plot(rows, path):
         if row["model"] not in _EXPERTS:
             axes.axhline(row["valid_perplexity_per_word"], linestyle=":",
                          color="gray")
-            axes.annotate(row["model"], (1, row["valid_perplexity_per_word"]),
+            axes.annotate(row["model"],
+                          (0.01, row["valid_perplexity_per_word"]),
+                          xycoords=("axes fraction", "data"),
+                          textcoords="offset points", xytext=(0, 2),
                           fontsize=7, color="gray")
     axes.set_xscale("log", base=2)
     axes.set_xlabel("experts")

@@ -282,7 +282,12 @@ def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None,
                      batch_dims=2)  # In visiting order.
     if max_per_expert is None:
         max_per_expert = tf.reduce_max(tf.concat([per_expert, [0]], axis=0))
-    top_values, top_positions = tf.math.top_k(keys, k=max_per_expert)
+    # A sentinel column (each row of keys' minimum, visited last, so it
+    # ranks after every row) keeps top_k and the gathers below defined for
+    # an empty segment (m = 0, where nothing is taken anyway).
+    sentinel = tf.reduce_min(keys, axis=-1, keepdims=True)
+    top_values, top_positions = tf.math.top_k(
+        tf.concat([keys, sentinel], axis=-1), k=max_per_expert + 1)
     # The m-th best (value, position) of each (segment, expert): a
     # position is taken when it comes before it, ties going to the earlier
     # position as in top_k. Compared rather than scattered, so that every

@@ -1,5 +1,8 @@
 """Mesh overhead: an MoE training step on 1, 2, 4 and 8 logical CPU devices.
 
+`--layer=hmoe` times `HierarchicalMoE` instead (`--groups` groups of
+experts/groups experts, k per level).
+
 Same model, same global batch; the single-device (no mesh) step is timed in
 the same run. Every mesh here uses one axis for both batch and experts (the
 paper's layout: each device a data-parallel shard holding E/n experts), so
@@ -9,6 +12,8 @@ Per-device bytes are those of device 0's shards (parameters, and the Adam
 slots).
 
     python bench/bench_mesh.py [--output=bench/results/mesh.json]
+    python bench/bench_mesh.py --layer=hmoe \
+        --output=bench/results/mesh_hierarchical.json
 """
 
 import argparse
@@ -33,11 +38,15 @@ import tf_moe  # noqa: E402
 
 def _model(args):
     keras.utils.set_random_seed(0)
+    if args.layer == "moe":
+        mixture = tf_moe.MoE(args.experts, args.hidden, k=args.k,
+                             capacity_factor=2.0)
+    else:
+        mixture = tf_moe.HierarchicalMoE(
+            args.groups, args.experts // args.groups, args.hidden,
+            k_primary=args.k, k_secondary=args.k, capacity_factor=2.0)
     return keras.Sequential([
-        keras.Input((args.model_dim,)),
-        tf_moe.MoE(args.experts, args.hidden, k=args.k, capacity_factor=2.0),
-        keras.layers.Dense(1),
-    ])
+        keras.Input((args.model_dim,)), mixture, keras.layers.Dense(1)])
 
 
 def _device_bytes(variables):
@@ -99,7 +108,10 @@ def _mesh(args, x, y, num_devices):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layer", choices=("moe", "hmoe"), default="moe")
     parser.add_argument("--experts", type=int, default=64)
+    parser.add_argument("--groups", type=int, default=8,
+                        help="hmoe: groups (experts must divide by it)")
     parser.add_argument("--model_dim", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--k", type=int, default=2)
@@ -117,8 +129,11 @@ def main():
     for n in (int(d) for d in args.devices.split(",")):
         rows.append(_mesh(args, x, y, n))
     base = rows[0]["step_seconds"]
-    print(f"MoE E={args.experts}, d={args.model_dim}, h={args.hidden}, "
-          f"k={args.k}, global batch {args.batch} tokens")
+    layer = ("MoE" if args.layer == "moe" else
+             f"HierarchicalMoE {args.groups} groups,")
+    print(f"{layer} E={args.experts}, d={args.model_dim}, h={args.hidden}, "
+          f"k={args.k}{' per level' if args.layer == 'hmoe' else ''}, "
+          f"global batch {args.batch} tokens")
     print(f"{'devices':>12} {'step s':>8} {'x 1 dev':>8} "
           f"{'param MB/dev':>13} {'Adam MB/dev':>12}")
     for row in rows:

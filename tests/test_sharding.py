@@ -501,11 +501,9 @@ def test_multi_worker_training_equals_single_device(tmp_path):
     # test.
     x, y = _batch(num=64)
     np.savez(tmp_path / "batch.npz", x=x, y=y)
-    keras.utils.set_random_seed(7)
-    single = keras.Sequential([
-        keras.Input((WIDTH,)), keras.layers.Dense(8),
-        tf_moe.MoE(8, 16, k=2, noisy_gating=False, importance_weight=1.0),
-        keras.layers.Dense(1)])
+    # The workers build this model (the script stands alone).
+    single = _model(capacity_factor=None, noisy_gating=False,
+                    importance_weight=1.0)
     single.compile(keras.optimizers.Adam(0.01), "mse")
     single.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
 

@@ -66,6 +66,14 @@ class Routing(NamedTuple):
     threshold_loss: Optional[tf.Tensor] = None
     num_dropped: Any = 0
 
+    @property
+    def routed_slots(self):
+        """`[rows, k]` bool: the slots that carry an expert (every slot
+        without a `slot_mask`)."""
+        if self.slot_mask is None:
+            return tf.ones_like(self.expert_ids, tf.bool)
+        return self.slot_mask
+
 
 def _check_gate_args(num_experts, k, num_groups):
     if not isinstance(num_experts, int) or num_experts < 1:

@@ -277,10 +277,8 @@ class HierarchicalMoE(MixtureOfExperts):
 
         # Back from group rows to each token's primary slots: [T, k1, k2].
         slot_row = group_plan.slot_buffer_row
-        slot_mask = dispatch_lib.gather_padded(
-            tf.ones_like(routing.expert_ids, tf.bool)
-            if routing.slot_mask is None else routing.slot_mask,
-            slot_row, False)
+        slot_mask = dispatch_lib.gather_padded(routing.routed_slots,
+                                               slot_row, False)
         return SecondarySlots(
             expert_ids=dispatch_lib.gather_padded(routing.expert_ids,
                                                   slot_row, 0),
@@ -334,15 +332,14 @@ class HierarchicalMoE(MixtureOfExperts):
             return tf.reshape(x, [num_shards, self.num_groups, capacity]
                               + x.shape[1:].as_list())
 
-        row_weights = tf.cast(row_valid, tf.float32)
+        row_weights = per_group(tf.reshape(tf.cast(row_valid, tf.float32),
+                                           [-1]))
         group_load = None
         if routing.selection_probability is not None:
             group_load = tf.reduce_sum(
                 per_group(routing.selection_probability)
-                * per_group(tf.reshape(row_weights, [-1]))[..., None],
-                axis=[0, 2])
-        group_tokens = tf.reduce_sum(per_group(tf.reshape(row_weights, [-1])),
-                                     axis=[0, 2])
+                * row_weights[..., None], axis=[0, 2])
+        group_tokens = tf.reduce_sum(row_weights, axis=[0, 2])
 
         def to_slots(x):  # [rows, k2] -> [T, k1, k2]
             slots = x.shape[-1]  # k2, or the batchwise gate's static k_max
@@ -351,9 +348,7 @@ class HierarchicalMoE(MixtureOfExperts):
             return tf.reshape(x, [num_tokens, primary_slots, slots])
 
         slot_kept = tf.reshape(plan.slot_kept, [num_tokens, primary_slots])
-        slot_mask = to_slots(tf.ones_like(routing.expert_ids, tf.bool)
-                             if routing.slot_mask is None
-                             else routing.slot_mask)
+        slot_mask = to_slots(routing.routed_slots)
         return SecondarySlots(
             expert_ids=to_slots(routing.expert_ids),
             gate_weights=to_slots(routing.gate_weights),

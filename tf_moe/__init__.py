@@ -24,5 +24,6 @@ from tf_moe.gating import GateOutput
 from tf_moe.gating import NoisyTopKGate
 from tf_moe.hierarchical import HierarchicalMoE
 from tf_moe.moe import MoE
+from tf_moe import recurrent
 
 __version__ = "0.1.0"

@@ -4,6 +4,12 @@
 last, so a kill mid-save leaves the previous checkpoint as the latest. A
 checkpoint can still be damaged afterwards (a truncated copy, a full disk):
 `Checkpoints.restore` then warns and falls back to the one before it.
+
+The data iterator's state is a host tensor; on a DTensor mesh it cannot be
+saved by the same function as the mesh's variables, so it always goes to
+a checkpoint of its own (`DIR/data/ckpt-N`), written before the model's
+(`DIR/ckpt-N`): a model checkpoint whose data checkpoint is missing or
+damaged is skipped like a damaged one.
 """
 
 import json
@@ -14,30 +20,51 @@ import tensorflow as tf
 
 
 class Checkpoints:
-    """Saves and restores `objects` (model, optimizer, step, data iterator,
-    ...) under `directory`, keeping the last `max_to_keep`.
+    """Saves and restores `objects` (model, optimizer, step, ...) and the
+    data iterator under `directory`, keeping the last `max_to_keep`.
 
     Args:
         directory: where checkpoints go.
         step: an int64 `tf.Variable`, the training step (saved too).
+        data: the data iterator (a host object, saved apart), or None.
         max_to_keep: how many to keep (at least 2, so there is a fallback).
         **objects: trackables to save, by name.
     """
 
-    def __init__(self, directory, step, max_to_keep=3, **objects):
+    def __init__(self, directory, step, data=None, max_to_keep=3, **objects):
         self.step = step
+        keep = max(2, max_to_keep)
         self.checkpoint = tf.train.Checkpoint(step=step, **objects)
         self.manager = tf.train.CheckpointManager(
-            self.checkpoint, directory, max_to_keep=max(2, max_to_keep))
+            self.checkpoint, directory, max_to_keep=keep)
+        self.data_manager = None
+        if data is not None:
+            self.data_manager = tf.train.CheckpointManager(
+                tf.train.Checkpoint(data=data),
+                os.path.join(directory, "data"), max_to_keep=keep)
 
     def save(self):
-        return self.manager.save(checkpoint_number=int(self.step.numpy()))
+        number = int(self.step.numpy())
+        if self.data_manager is not None:
+            self.data_manager.save(checkpoint_number=number)
+        return self.manager.save(checkpoint_number=number)
+
+    def _data_path(self, path):
+        """The data checkpoint saved with model checkpoint `path`."""
+        name = os.path.basename(path)
+        for data_path in self.data_manager.checkpoints:
+            if os.path.basename(data_path) == name:
+                return data_path
+        raise FileNotFoundError(f"no data checkpoint {name} beside it")
 
     def restore(self):
         """Restores the newest readable checkpoint; returns its path, or None
         when there is none (a fresh run)."""
         for path in reversed(self.manager.checkpoints):
             try:
+                if self.data_manager is not None:
+                    self.data_manager.checkpoint.restore(
+                        self._data_path(path)).assert_existing_objects_matched()
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except Exception as error:  # noqa: BLE001  Any damage at all.
                 logging.warning("checkpoint %s is unreadable (%s); falling "

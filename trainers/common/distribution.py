@@ -6,7 +6,11 @@
               row blocks, one per replica; gradients are summed.
     dtensor   a DTensor mesh (`--mesh=batch:2,expert:4`): expert weights
               sharded over the expert axis, the batch over the batch axis
-              (tf_moe.sharding).
+              (tf_moe.sharding); LSTMs run with tf_moe.recurrent. A mesh
+              program needs static shapes, so every sequence axis of a
+              batch is padded (with padding tokens) to a power of two, and
+              a step is compiled once per batch shape (a handful, as the
+              batches are bucketed by powers of two).
 
 Every distribution computes the same objective on the same global batch:
 `sum(nll) / tokens(global batch) + balancing losses`, so a run gives the
@@ -34,6 +38,19 @@ def pad_rows(batch, multiple):
     return {key: np.concatenate(
         [value, np.zeros((extra,) + value.shape[1:], value.dtype)])
         for key, value in batch.items()}
+
+
+def pad_time(batch, minimum=8):
+    """Pads every `[batch, time]` array of a dict with zero columns (padding)
+    to one length: the next power of two (at least `minimum`) of the
+    longest."""
+    lengths = [value.shape[1] for value in batch.values() if value.ndim == 2]
+    if not lengths:
+        return batch
+    length = max(minimum, 1 << (max(lengths) - 1).bit_length())
+    return {key: np.pad(value, [(0, 0), (0, length - value.shape[1])])
+            if value.ndim == 2 else value
+            for key, value in batch.items()}
 
 
 def relaxed(function):
@@ -112,17 +129,12 @@ class Distribution:
             return self.placement.num_batch_shards
         return 1
 
-    def check_runs_lstms(self, model_name):
-        """Raises before training if this distribution cannot run a model
-        with LSTMs: Keras's LSTM loops over time with TensorList ops, which
-        DTensor (TF 2.21) cannot lay out. (Unrolled over a fixed length it
-        ran, but its updates drifted from one device's by 5e-4 and its
-        checkpoint, with the data iterator, failed to save.)"""
+    def prepare_optimizer(self, optimizer):
+        """`optimizer`, made to give each slot its weight's layout on a mesh
+        (replicated slots of sharded experts took wrong updates)."""
         if self.placement is not None:
-            raise ValueError(
-                f"the LSTM {model_name} does not run on a DTensor mesh yet: "
-                "use --distribution=none or mirrored (tf_moe layers in "
-                "models without LSTMs do; see tf_moe.sharding).")
+            return sharding.shard_optimizer_slots(optimizer)
+        return optimizer
 
     def scope(self):
         if self.strategy is not None:
@@ -202,12 +214,13 @@ class Distribution:
         if self.placement is not None:
             placement = self.placement
             # Gradients and update in two functions: fused, DTensor lost
-            # Adam's first update (see tf_moe.sharding.MeshTrainer).
-            compiled_gradients = tf.function(gradients, reduce_retracing=True)
+            # Adam's first update (see tf_moe.sharding.MeshTrainer). Traced
+            # per batch shape: the mesh's MoE buffers need static shapes.
+            compiled_gradients = tf.function(gradients)
             compiled_apply = tf.function(apply)
 
             def run(batch):
-                batch = pad_rows(batch, self.num_replicas)
+                batch = pad_time(pad_rows(batch, self.num_replicas))
                 with placement.scope():
                     tokens = placement.to_mesh(tf.constant(
                         float(np.count_nonzero(batch["targets"]))))
@@ -250,10 +263,10 @@ class Distribution:
 
         if self.placement is not None:
             placement = self.placement
-            compiled = tf.function(stats_fn, reduce_retracing=True)
+            compiled = tf.function(stats_fn)  # Per shape, as in training.
 
             def run(batch):
-                batch = pad_rows(batch, self.num_replicas)
+                batch = pad_time(pad_rows(batch, self.num_replicas))
                 with placement.scope():
                     stats = compiled({key: placement.shard_batch(value)
                                       for key, value in batch.items()})

@@ -92,16 +92,17 @@ class TrainingRun:
             self.models = list(models.values())
             self.schedule = WarmupInverseSqrt(
                 train.learning_rate, train.warmup_steps, train.constant_steps)
-            self.optimizer = keras.optimizers.Adam(
-                self.schedule, global_clipnorm=train.clip_norm or None)
+            self.optimizer = self.distribution.prepare_optimizer(
+                keras.optimizers.Adam(
+                    self.schedule, global_clipnorm=train.clip_norm or None))
             self.optimizer.build(self.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                     name="step")
         self.train_iterator = iter(train_batches())
         self.checkpoints = checkpoints_lib.Checkpoints(
             os.path.join(self.workdir, "checkpoints"), self.step,
-            max_to_keep=train.checkpoints_to_keep, optimizer=self.optimizer,
             data=self.train_iterator,
+            max_to_keep=train.checkpoints_to_keep, optimizer=self.optimizer,
             rng=checkpoints_lib.random_states(*self.models), **models)
         self.restored_from = self.checkpoints.restore()
         self.trained_tokens = 0.0  # Target tokens trained on by train().

@@ -17,6 +17,7 @@ import keras
 import tensorflow as tf
 
 import tf_moe
+from tf_moe import recurrent
 
 BLOCKS = ("lstm", "projected_lstm", "moe", "hmoe", "ffn")
 _SQUASHED = ("moe", "hmoe", "ffn")  # Blocks whose output gets the sigmoid.
@@ -88,10 +89,10 @@ def check_model_config(model):
 def _make_block(kind, index, model, seed):
     name = f"{kind}_{index}"
     if kind == "lstm":
-        return keras.layers.LSTM(model.d_model, return_sequences=True,
-                                 name=name)
+        return recurrent.LSTM(model.d_model, return_sequences=True,
+                              name=name)
     if kind == "projected_lstm":
-        return keras.layers.RNN(
+        return recurrent.RNN(
             ProjectedLSTMCell(model.projected_lstm_units, model.d_model),
             return_sequences=True, name=name)
     if kind == "moe":

@@ -34,7 +34,6 @@ class LanguageModelRun(loop.TrainingRun):
         self.distribution = distribution
         data_lib.check_data_config(config.data)
         model_lib.check_model_config(config.model)
-        distribution.check_runs_lstms("language model")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source))

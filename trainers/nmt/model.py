@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 import tf_moe
+from tf_moe import recurrent
 
 MIXTURES = ("moe", "hmoe", "ffn")
 
@@ -123,17 +124,20 @@ class AdditiveAttention(keras.layers.Layer):
         """Context vectors: `query [batch, (time,) d_q]`, `memory [batch,
         source, d]`, `keys` of the memory, `source_mask [batch, source]`
         bool -> `[batch, (time,) d]`."""
+        # expand_dims, not `[:, None]`: DTensor cannot lay out a
+        # StridedSlice that adds an axis to a batch-sharded tensor.
         single = query.shape.rank == 2
         if single:
-            query = query[:, None]
+            query = tf.expand_dims(query, 1)
         projected = tf.matmul(query, self.query_kernel)  # [b, t, u]
         scores = tf.reduce_sum(
-            self.score_vector * tf.tanh(projected[:, :, None]
-                                        + keys[:, None]), -1)  # [b, t, s]
-        scores = tf.where(source_mask[:, None], scores, -1e9)
+            self.score_vector * tf.tanh(tf.expand_dims(projected, 2)
+                                        + tf.expand_dims(keys, 1)),
+            -1)  # [b, t, s]
+        scores = tf.where(tf.expand_dims(source_mask, 1), scores, -1e9)
         weights = tf.nn.softmax(scores, axis=-1)
         context = tf.matmul(weights, memory)
-        return context[:, 0] if single else context
+        return tf.squeeze(context, 1) if single else context
 
     def get_config(self):
         return dict(super().get_config(), units=self.units,
@@ -161,19 +165,19 @@ class Seq2Seq(keras.layers.Layer):
             vocab_size, d, name="source_embedding")
         self.target_embedding = keras.layers.Embedding(
             vocab_size, d, name="target_embedding")
-        self.encoder_lstm_1 = keras.layers.Bidirectional(
-            keras.layers.LSTM(d // 2, return_sequences=True),
+        self.encoder_lstm_1 = recurrent.Bidirectional(
+            recurrent.LSTM(d // 2, return_sequences=True),
             name="encoder_lstm_1")
-        self.encoder_lstm_2 = keras.layers.LSTM(
+        self.encoder_lstm_2 = recurrent.LSTM(
             d, return_sequences=True, name="encoder_lstm_2")
         self.encoder_mixture = _mixture(model, d, seed + 1, "encoder_moe")
-        self.encoder_lstm_3 = keras.layers.LSTM(
+        self.encoder_lstm_3 = recurrent.LSTM(
             d, return_sequences=True, name="encoder_lstm_3")
-        self.decoder_lstm_1 = keras.layers.LSTM(
+        self.decoder_lstm_1 = recurrent.LSTM(
             d, return_sequences=True, name="decoder_lstm_1")
         self.attention = AdditiveAttention(d, d, d, name="attention")
         self.decoder_mixture = _mixture(model, d, seed + 2, "decoder_moe")
-        self.decoder_lstm_2 = keras.layers.LSTM(
+        self.decoder_lstm_2 = recurrent.LSTM(
             d, return_sequences=True, name="decoder_lstm_2")
         self.softmax = keras.layers.Dense(vocab_size, name="softmax")
         self.dropouts = [keras.layers.Dropout(model.dropout, seed=seed + 10 + i)

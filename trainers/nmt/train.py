@@ -37,7 +37,6 @@ class TranslationRun(loop.TrainingRun):
         if config.decode.beam_size < 1:
             raise ValueError(f"config.decode.beam_size must be >= 1, got "
                              f"{config.decode.beam_size}.")
-        distribution.check_runs_lstms("translation model")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source, pairs=list(config.data.pairs)))

@@ -10,10 +10,13 @@ from trainers import corpora
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def write_text_splits(directory, train=400, valid=40, test=40):
+def write_text_splits(directory, train=400, valid=40, test=40,
+                      max_words=None):
     """The first verses of the embedded corpus as text files, one sentence
-    per line; returns `{split: path}`."""
-    verses = [verse for _, verse in corpora.read_verses("web")]
+    per line (cut to their first `max_words` words if given); returns
+    `{split: path}`."""
+    verses = [" ".join(verse.split()[:max_words])
+              for _, verse in corpora.read_verses("web")]
     counts = {"train": train, "valid": valid, "test": test}
     paths, start = {}, 0
     for split, count in counts.items():

@@ -143,11 +143,6 @@ class Distribution:
             return self.placement.scope()
         return contextlib.nullcontext()
 
-    def check_experts(self, num_experts):
-        """Raises a clear error when experts cannot be split over the mesh."""
-        if self.placement is not None:
-            self.placement.check_num_experts(num_experts, "config.model")
-
     def _per_replica(self, batch):
         """Row block r of every array of `batch` on replica r."""
         replicas = self.num_replicas

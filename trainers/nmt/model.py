@@ -20,6 +20,7 @@ import tensorflow as tf
 
 import tf_moe
 from tf_moe import recurrent
+from tf_moe import sharding
 
 MIXTURES = ("moe", "hmoe", "ffn")
 
@@ -185,10 +186,13 @@ class Seq2Seq(keras.layers.Layer):
         self._built_all = False
 
     def build_all(self):
-        """Creates every weight (on a one-token batch), so that optimizers
-        and checkpoints see them before training."""
+        """Creates every weight (on one-token sentences, one per batch
+        shard of a mesh), so that optimizers and checkpoints see them before
+        training."""
         if not self._built_all:
-            ids = tf.constant([[3]], tf.int32)
+            placement = sharding.current_placement()
+            rows = placement.num_batch_shards if placement else 1
+            ids = tf.fill([rows, 1], 3)
             memory, mask = self.encode(ids, training=False)
             self.decode(ids, memory, mask, training=False)
             self._built_all = True

@@ -17,6 +17,7 @@ from trainers.common import text
 from trainers.nmt import data as data_lib
 from trainers.nmt import export as export_lib
 from trainers.nmt import model as model_lib
+from tf_moe import sharding
 
 
 class TranslationRun(loop.TrainingRun):
@@ -56,6 +57,7 @@ class TranslationRun(loop.TrainingRun):
         )["model"]
         self._eval_fn = None  # Compiled on the first evaluation.
         self._translator = None
+        self._serving_model = None  # Off the mesh, for decoding.
 
     def _build_model(self):
         model = model_lib.Seq2Seq(self.config.model,
@@ -80,11 +82,23 @@ class TranslationRun(loop.TrainingRun):
                                                        split),
                                self.tokenizer), self.config.data.max_len)
 
+    def single_device_model(self):
+        """The model, or on a mesh a plain copy of it with its current
+        values (beam search and export run off the mesh)."""
+        if self.distribution.placement is None:
+            return self.model
+        if self._serving_model is None:
+            self._serving_model = self._build_model()
+        self._serving_model.set_weights(
+            [sharding.to_numpy(v) for v in self.model.weights])
+        return self._serving_model
+
     def translator(self):
-        """The serving module over this run's model."""
+        """The serving module over this run's model (its current values)."""
+        model = self.single_device_model()
         if self._translator is None:
             self._translator = export_lib.Translator(
-                self.tokenizer, self.model, self.languages,
+                self.tokenizer, model, self.languages,
                 self.first_tag_id, self.config.decode)
         return self._translator
 

@@ -345,6 +345,11 @@ def test_bad_inputs_fail_before_training_with_clear_errors(text_splits,
                          str(tmp_path / "b"),
                          Distribution("dtensor", "batch:1,expert:3",
                                       num_devices=3))
+    with pytest.raises(ValueError, match="num_sampled must be 0 on a DTensor"):
+        LanguageModelRun(lm_fixtures.small_config(text_splits, num_sampled=8),
+                         str(tmp_path / "b2"),
+                         Distribution("dtensor", "batch:2,expert:2",
+                                      num_devices=4))
     with pytest.raises(ValueError, match="--mesh"):
         Distribution("dtensor")
     with pytest.raises(ValueError, match="blocks"):

@@ -34,6 +34,12 @@ class LanguageModelRun(loop.TrainingRun):
         self.distribution = distribution
         data_lib.check_data_config(config.data)
         model_lib.check_model_config(config.model)
+        if distribution.placement is not None and config.model.num_sampled:
+            raise ValueError(
+                "config.model.num_sampled must be 0 on a DTensor mesh: the "
+                "sampled softmax's candidate sampler has no DTensor layout "
+                "rule (use the full softmax, or --distribution=none or "
+                "mirrored).")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source))

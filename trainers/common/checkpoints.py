@@ -26,27 +26,24 @@ class Checkpoints:
     Args:
         directory: where checkpoints go.
         step: an int64 `tf.Variable`, the training step (saved too).
-        data: the data iterator (a host object, saved apart), or None.
+        data: the data iterator (a host object, saved apart).
         max_to_keep: how many to keep (at least 2, so there is a fallback).
         **objects: trackables to save, by name.
     """
 
-    def __init__(self, directory, step, data=None, max_to_keep=3, **objects):
+    def __init__(self, directory, step, data, max_to_keep=3, **objects):
         self.step = step
         keep = max(2, max_to_keep)
         self.checkpoint = tf.train.Checkpoint(step=step, **objects)
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, directory, max_to_keep=keep)
-        self.data_manager = None
-        if data is not None:
-            self.data_manager = tf.train.CheckpointManager(
-                tf.train.Checkpoint(data=data),
-                os.path.join(directory, "data"), max_to_keep=keep)
+        self.data_manager = tf.train.CheckpointManager(
+            tf.train.Checkpoint(data=data), os.path.join(directory, "data"),
+            max_to_keep=keep)
 
     def save(self):
         number = int(self.step.numpy())
-        if self.data_manager is not None:
-            self.data_manager.save(checkpoint_number=number)
+        self.data_manager.save(checkpoint_number=number)
         return self.manager.save(checkpoint_number=number)
 
     def _data_path(self, path):
@@ -62,9 +59,8 @@ class Checkpoints:
         when there is none (a fresh run)."""
         for path in reversed(self.manager.checkpoints):
             try:
-                if self.data_manager is not None:
-                    self.data_manager.checkpoint.restore(
-                        self._data_path(path)).assert_existing_objects_matched()
+                self.data_manager.checkpoint.restore(
+                    self._data_path(path)).assert_existing_objects_matched()
                 self.checkpoint.restore(path).assert_existing_objects_matched()
             except Exception as error:  # noqa: BLE001  Any damage at all.
                 logging.warning("checkpoint %s is unreadable (%s); falling "

@@ -5,6 +5,7 @@ import pytest
 import tensorflow as tf
 
 from tf_moe import dispatch
+from tf_moe import plan as plan_lib
 
 
 def _slow_plan(expert_ids, num_experts, capacity, token_mask=None):
@@ -33,7 +34,7 @@ def _slow_plan(expert_ids, num_experts, capacity, token_mask=None):
 def test_capacity_drops_and_counts_exactly_the_overflow():
     # 6 tokens, k = 2, E = 3, capacity 2.
     expert_ids = np.array([[0, 1], [0, 2], [0, 1], [1, 0], [2, 1], [0, 2]])
-    plan = dispatch.make_dispatch_plan(expert_ids, 3, capacity=2)
+    plan = plan_lib.make_dispatch_plan(expert_ids, 3, capacity=2)
     # First choices: expert 0 gets tokens 0, 1, 2, 5 -> keeps 0 and 1;
     # expert 1 gets token 3; expert 2 gets token 4. Second choices then
     # fill what is left: expert 1 takes token 0 (its 2nd), drops 2 and 4;
@@ -56,14 +57,14 @@ def test_dropless_split_puts_a_skewed_expert_in_the_overflow_group():
     # Expert 0 gets 10 slots, the others 1: padding all to 10 would be 40
     # rows; C = 1 plus 9 overflow rows for expert 0 is 13.
     expert_ids = np.array([[0]] * 10 + [[1], [2], [3]])
-    plan = dispatch.make_dispatch_plan(expert_ids, 4, overflow_expert_cost=0)
+    plan = plan_lib.make_dispatch_plan(expert_ids, 4, overflow_expert_cost=0)
     assert plan.capacity.numpy() == 1
     np.testing.assert_array_equal(plan.overflow_experts.numpy(), [0])
     assert plan.overflow_capacity.numpy() == 9
     assert plan.buffer_slot.shape == (13,)
     assert plan.num_dropped.numpy() == 0
     # A high gather cost keeps everything in one padded group.
-    padded = dispatch.make_dispatch_plan(expert_ids, 4,
+    padded = plan_lib.make_dispatch_plan(expert_ids, 4,
                                          overflow_expert_cost=100)
     assert padded.capacity.numpy() == 10
     assert padded.overflow_experts.shape == (0,)
@@ -72,7 +73,7 @@ def test_dropless_split_puts_a_skewed_expert_in_the_overflow_group():
 def test_split_capacity_minimises_rows_plus_gather_cost():
     counts = tf.constant([5, 9, 5, 6, 12, 5])
     for cost in (0, 3, 50):
-        capacity, overflow = dispatch.split_capacity(counts, cost)
+        capacity, overflow = plan_lib.split_capacity(counts, cost)
         largest = 12
 
         def total(c):
@@ -86,7 +87,7 @@ def test_split_capacity_minimises_rows_plus_gather_cost():
 
 def test_capacities_come_in_buckets():
     values = np.arange(0, 5000)
-    buckets = dispatch.bucket_capacity(values).numpy()
+    buckets = plan_lib.bucket_capacity(values).numpy()
     assert np.all(buckets >= values)
     np.testing.assert_array_equal(buckets[:17], values[:17])
     assert np.all(buckets <= values * 1.125 + 1e-9)
@@ -95,7 +96,7 @@ def test_capacities_come_in_buckets():
     assert len(np.unique(buckets[1024:2048])) <= 9
     # The split picks among bucketed sizes; every slot still has a row.
     counts = tf.constant([100, 97, 101, 103, 99, 98, 102, 130])
-    capacity, overflow = dispatch.split_capacity(counts, 16)
+    capacity, overflow = plan_lib.split_capacity(counts, 16)
     assert int(capacity) in buckets
     assert int(capacity) + int(overflow) >= 130
 
@@ -114,7 +115,7 @@ def test_plan_matches_slow_reference(num_experts, k, capacity, masked, cost):
     expert_ids = np.stack([rng.choice(num_experts, k, replace=False, p=p / p.sum())
                            for _ in range(num_tokens)])
     token_mask = rng.random(num_tokens) < 0.7 if masked else None
-    plan = dispatch.make_dispatch_plan(
+    plan = plan_lib.make_dispatch_plan(
         expert_ids, num_experts, capacity,
         None if token_mask is None else tf.constant(token_mask),
         overflow_expert_cost=cost)
@@ -132,7 +133,7 @@ def test_plan_matches_slow_reference(num_experts, k, capacity, masked, cost):
         if overflow_experts:
             assert main_capacity + overflow_capacity == largest
         else:  # one group, its capacity rounded up to a bucket
-            assert main_capacity == dispatch.bucket_capacity(largest)
+            assert main_capacity == plan_lib.bucket_capacity(largest)
     num_rows = (num_experts * main_capacity
                 + len(overflow_experts) * overflow_capacity)
     buffer_slot = plan.buffer_slot.numpy()
@@ -168,7 +169,7 @@ def test_gradients_equal_those_of_plain_gathers():
     expert_ids = np.stack([rng.permutation(6)[:3] for _ in range(11)])
     weights = tf.constant(rng.uniform(size=(11, 3)).astype(np.float32))
     mask = tf.constant(rng.random(11) < 0.8)
-    plan = dispatch.make_dispatch_plan(expert_ids, 6, capacity=4,
+    plan = plan_lib.make_dispatch_plan(expert_ids, 6, capacity=4,
                                        token_mask=mask)
     scale = tf.constant(rng.normal(size=(6, 1, 4)).astype(np.float32))
     cotangent = tf.constant(rng.normal(size=(11, 4)).astype(np.float32))
@@ -203,7 +204,7 @@ def test_dispatch_then_combine_round_trips_tokens():
     tokens = rng.normal(size=(10, 4)).astype(np.float32)
     expert_ids = np.stack([rng.permutation(5)[:2] for _ in range(10)])
     gate_weights = rng.uniform(size=(10, 2)).astype(np.float32)
-    plan = dispatch.make_dispatch_plan(expert_ids, 5, overflow_expert_cost=0)
+    plan = plan_lib.make_dispatch_plan(expert_ids, 5, overflow_expert_cost=0)
     buffers = dispatch.dispatch(tokens, plan)
     # Identity experts: every token comes back scaled by its summed gates.
     combined = dispatch.combine(buffers, plan, gate_weights)
@@ -217,7 +218,7 @@ def test_dispatch_then_combine_round_trips_tokens():
 
 
 def test_empty_batch():
-    plan = dispatch.make_dispatch_plan(np.zeros((0, 2), np.int32), 4)
+    plan = plan_lib.make_dispatch_plan(np.zeros((0, 2), np.int32), 4)
     main, overflow = dispatch.dispatch(tf.zeros((0, 3)), plan)
     combined = dispatch.combine((main, overflow), plan, tf.zeros((0, 2)))
     assert main.shape == (4, 0, 3) and overflow.shape == (0, 0, 3)
@@ -226,7 +227,7 @@ def test_empty_batch():
 
 
 def test_fixed_capacity():
-    assert dispatch.fixed_capacity(100, 8, 2, 1.0) == 25
-    assert dispatch.fixed_capacity(10, 8, 1, 1.25) == 2
-    dynamic = dispatch.fixed_capacity(tf.constant(100), 8, 2, 1.0)
+    assert plan_lib.fixed_capacity(100, 8, 2, 1.0) == 25
+    assert plan_lib.fixed_capacity(10, 8, 1, 1.25) == 2
+    dynamic = plan_lib.fixed_capacity(tf.constant(100), 8, 2, 1.0)
     assert dynamic.numpy() == 25

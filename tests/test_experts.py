@@ -6,25 +6,26 @@ import pytest
 import tensorflow as tf
 
 from tf_moe import experts as experts_lib
+from tf_moe import matmul as matmul_lib
 
 
-@pytest.mark.parametrize("rows", [3, experts_lib._SMALL_PRODUCT_ROWS + 5])
-def test_grouped_matmul_gradients_match_autodiff(rows):
+@pytest.mark.parametrize("rows", [3, matmul_lib.SMALL_PRODUCT_ROWS + 5])
+def test_buffer_matmul_gradients_match_autodiff(rows):
     rng = np.random.default_rng(rows)
-    main = tf.constant(rng.normal(size=(5, 4, 5)).astype(np.float32))
+    main = tf.constant(rng.normal(size=(2, 5, 4, 5)).astype(np.float32))
     # Both paths of the overflow input gradient (small and large products).
     overflow = tf.constant(rng.normal(size=(2, rows, 5)).astype(np.float32))
     w = tf.constant(rng.normal(size=(5, 5, 3)).astype(np.float32))
     overflow_experts = tf.constant([3, 1])
     cotangents = [tf.constant(rng.normal(size=shape).astype(np.float32))
-                  for shape in [(5, 4, 3), (2, rows, 3)]]
+                  for shape in [(2, 5, 4, 3), (2, rows, 3)]]
 
     def plain(main, overflow, w, overflow_experts):
-        return (tf.matmul(main, w),
+        return (tf.matmul(main, w[None]),
                 tf.matmul(overflow, tf.gather(w, overflow_experts)))
 
     results = []
-    for matmul in (plain, experts_lib.grouped_matmul):
+    for matmul in (plain, matmul_lib.buffer_matmul):
         with tf.GradientTape() as tape:
             tape.watch([main, overflow, w])
             outputs = matmul(main, overflow, w, overflow_experts)

@@ -40,7 +40,7 @@ def test_matches_dense_reference(groups, per_group, k1, k2, shape, masked,
                                  noisy, overflow_expert_cost, monkeypatch):
     if overflow_expert_cost is not None:
         # Free overflow experts: the plans split into two buffer groups.
-        monkeypatch.setattr(tf_moe.dispatch, "OVERFLOW_EXPERT_COST",
+        monkeypatch.setattr(tf_moe.plan, "OVERFLOW_EXPERT_COST",
                             overflow_expert_cost)
     rng = np.random.default_rng(groups * 10 + per_group)
     inputs = tf.constant(rng.normal(size=shape).astype(np.float32))
@@ -264,7 +264,7 @@ def test_dropped_fraction_counts_tokens_dropped_by_full_groups():
     layer(tf.random.normal((10, 5)))
     counts = layer.expert_token_counts.numpy()
     assert counts.sum() == 10
-    expert_capacity = tf_moe.dispatch.fixed_capacity(10, 4, 2, 0.5)
+    expert_capacity = tf_moe.plan.fixed_capacity(10, 4, 2, 0.5)
     expected = (10 + np.maximum(counts - expert_capacity, 0).sum()) / 20
     dropped = layer._metric_trackers["dropped_fraction"].result().numpy()
     assert dropped == pytest.approx(expected)

@@ -47,7 +47,7 @@ def test_matches_dense_reference_outputs_and_gradients(
         num_experts, k, shape, masked, capacity_factor, overflow_expert_cost,
         monkeypatch):
     if overflow_expert_cost is not None:
-        monkeypatch.setattr(tf_moe.dispatch, "OVERFLOW_EXPERT_COST",
+        monkeypatch.setattr(tf_moe.plan, "OVERFLOW_EXPERT_COST",
                             overflow_expert_cost)
     rng = np.random.default_rng(num_experts + k)
     inputs = tf.constant(rng.normal(size=shape).astype(np.float32))
@@ -57,7 +57,7 @@ def test_matches_dense_reference_outputs_and_gradients(
     layer.build(inputs.shape)
     num_tokens = int(np.prod(shape[:-1]))
     capacity = (None if capacity_factor is None else
-                tf_moe.dispatch.fixed_capacity(num_tokens, num_experts, k,
+                tf_moe.plan.fixed_capacity(num_tokens, num_experts, k,
                                                capacity_factor))
     cotangent = tf.constant(rng.normal(size=shape[:-1] + (3,)).astype(np.float32))
 
@@ -194,7 +194,7 @@ def test_capacity_counts_dropped_fraction():
     tokens = tf.random.normal((64, 5), seed=6)
     layer(tokens)
     counts = layer.expert_token_counts.numpy()
-    capacity = tf_moe.dispatch.fixed_capacity(64, 8, 2, 0.5)
+    capacity = tf_moe.plan.fixed_capacity(64, 8, 2, 0.5)
     expected = np.maximum(counts - capacity, 0).sum() / counts.sum()
     dropped = layer._metric_trackers["dropped_fraction"].result().numpy()
     assert dropped == pytest.approx(expected)

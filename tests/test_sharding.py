@@ -18,9 +18,8 @@ from tensorflow.experimental import dtensor
 
 import serving
 import tf_moe
-from tf_moe import grouped_dispatch
 from tf_moe import sharding
-from tf_moe import dispatch as dispatch_lib
+from tf_moe import plan as plan_lib
 
 NUM_EXPERTS = 8
 WIDTH = 6
@@ -199,24 +198,25 @@ def test_expert_weights_and_optimizer_slots_are_sharded():
                for spec in dtensor.fetch_layout(gate.value).sharding_specs)
 
 
-def test_grouped_plan_equals_flat_plan_per_group(rng):
+def test_sharded_plan_equals_one_plan_per_shard(rng):
     for _ in range(10):
-        groups, tokens, k, experts = (int(rng.integers(1, 4)),
+        shards, tokens, k, experts = (int(rng.integers(1, 4)),
                                       int(rng.integers(1, 30)),
                                       int(rng.integers(1, 4)), 6)
         ids = np.stack([[rng.choice(experts, k, replace=False)
-                         for _ in range(tokens)] for _ in range(groups)])
-        mask = rng.random((groups, tokens)) > 0.2
+                         for _ in range(tokens)] for _ in range(shards)])
+        mask = rng.random((shards, tokens)) > 0.2
         capacity = int(rng.integers(1, 6))
-        plan = grouped_dispatch.make_grouped_plan(ids, experts, capacity,
-                                                  token_mask=mask)
+        plan = plan_lib.make_dispatch_plan(ids, experts, capacity,
+                                           token_mask=mask)
         dropped = 0
-        for g in range(groups):
-            flat = dispatch_lib.make_dispatch_plan(
-                ids[g], experts, capacity=capacity, token_mask=mask[g])
-            np.testing.assert_array_equal(plan.slot_row[g],
+        for s in range(shards):
+            flat = plan_lib.make_dispatch_plan(
+                ids[s], experts, capacity=capacity, token_mask=mask[s])
+            np.testing.assert_array_equal(plan.slot_buffer_row[s],
                                           flat.slot_buffer_row)
-            np.testing.assert_array_equal(plan.row_slot[g], flat.buffer_slot)
+            np.testing.assert_array_equal(plan.buffer_slot[s],
+                                          flat.buffer_slot)
             dropped += int(flat.num_dropped)
         assert int(plan.num_dropped) == dropped
 

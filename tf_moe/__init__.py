@@ -16,14 +16,18 @@ from tf_moe.balance import balancing_loss
 from tf_moe.balance import cv_squared
 from tf_moe.balance import importance
 from tf_moe.balance import smooth_load
-from tf_moe.dispatch import DispatchPlan
-from tf_moe.dispatch import make_dispatch_plan
 from tf_moe.experts import Experts
 from tf_moe.gating import BatchwiseGate
+from tf_moe.gating import Gate
 from tf_moe.gating import GateOutput
 from tf_moe.gating import NoisyTopKGate
 from tf_moe.hierarchical import HierarchicalMoE
 from tf_moe.moe import MoE
+from tf_moe.plan import DispatchPlan
+from tf_moe.plan import make_dispatch_plan
+from tf_moe import dispatch
+from tf_moe import distribution
 from tf_moe import recurrent
+from tf_moe import sharding
 
 __version__ = "0.1.0"

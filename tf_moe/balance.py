@@ -30,26 +30,6 @@ def cv_squared(values):
     return variance / (tf.square(mean) + _CV_EPSILON)
 
 
-def sum_over_replicas(value):
-    """Sums batch statistics (a tensor or a list) over `tf.distribute`
-    replicas.
-
-    Under a data-parallel strategy each replica sees a shard of the batch,
-    but Importance and Load are sums over the whole batch, and CV^2 of a
-    sum is not the mean of per-shard CV^2s. With the sums all-reduced every
-    replica computes the single-device loss (Keras divides each replica's
-    `add_loss` terms by the number of replicas, and the gradient of the
-    all-reduce is the all-reduce of the gradients). Identity on one replica.
-
-    Replicas must issue their all-reduces in the same order, so a layer
-    makes one call per stage, each depending on the one before.
-    """
-    context = tf.distribute.get_replica_context()
-    if context is None or context.num_replicas_in_sync == 1:
-        return value
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, value)
-
-
 def importance(expert_ids, gate_weights, num_experts):
     """`Importance(X)_i = sum_x G(x)_i`, from the sparse gate output.
 
@@ -140,3 +120,27 @@ def balancing_loss(importance_values, load_values, importance_weight,
     else:
         load_loss = load_weight * cv_squared(load_values)
     return importance_loss, load_loss
+
+
+def routing_statistics(importance_values, expert_counts, num_dropped,
+                       num_routed):
+    """The routing metrics of a batch (the paper's Table 6 measures).
+
+    Args:
+        importance_values: `[E]` Importance.
+        expert_counts: `[E]` float, tokens each expert received (Load).
+        num_dropped, num_routed: float scalars, routed assignments past a
+            capacity and all routed assignments.
+
+    Returns:
+        A dict of scalars: `importance_cv`, `load_cv`, `load_max_over_mean`
+        and `dropped_fraction`.
+    """
+    return {
+        "importance_cv": tf.sqrt(
+            cv_squared(tf.cast(importance_values, tf.float32))),
+        "load_cv": tf.sqrt(cv_squared(expert_counts)),
+        "load_max_over_mean": tf.math.divide_no_nan(
+            tf.reduce_max(expert_counts), tf.reduce_mean(expert_counts)),
+        "dropped_fraction": tf.math.divide_no_nan(num_dropped, num_routed),
+    }

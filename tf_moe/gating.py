@@ -1,8 +1,9 @@
 """Gates: which experts each token goes to, and with what weight.
 
-Two gates, both usable flat (weights `[d, E]`, `call` on tokens) or grouped
-(weights `[groups, d, E]`, one gate per group of a `HierarchicalMoE`, whose
-logits the caller computes with a grouped matmul and passes to `route`):
+Every gate implements one interface (`Gate`): a kernel `[(groups,) d,
+logit_width]` that turns tokens (or a hierarchical layer's group rows) into
+logits, and `route(logits, row_valid, ...)`, which turns rows of logits into
+a `Routing`. `call` on tokens is the same for every gate. The gates:
 
 - `NoisyTopKGate`: the paper's noisy top-k gate (section 2.1) with the
   smooth load estimate of section 4.
@@ -10,6 +11,10 @@ logits the caller computes with a grouped matmul and passes to `route`):
   every expert takes exactly its top `m = ceil(k * tokens / E)` tokens of
   the batch; at inference learned per-expert thresholds replace the batch
   statistics. Tokens get a variable number of experts (k on average).
+
+A gate is flat (weights `[d, E]`) or grouped (`num_groups`: weights
+`[groups, d, E]`, one gate per group of a `HierarchicalMoE`, whose logits
+the layer computes over its group buffers and passes to `route`).
 
 Gate arithmetic runs in the gate's compute dtype (float32 under mixed
 precision: the layers build their gates with the variable dtype), and gate
@@ -22,10 +27,9 @@ from typing import Any, NamedTuple, Optional
 
 import keras
 import tensorflow as tf
-from tensorflow.experimental import dtensor
 
 from tf_moe import balance
-from tf_moe import sharding
+from tf_moe import distribution
 
 
 class GateOutput(NamedTuple):
@@ -57,7 +61,16 @@ class GateOutput(NamedTuple):
 
 
 class Routing(NamedTuple):
-    """A gate's decision for rows of logits (see `NoisyTopKGate.route`)."""
+    """A gate's decision for rows of logits (see `Gate.route`).
+
+    Attributes:
+        expert_ids, gate_weights: `[rows, k]`; zero weights for invalid
+            rows.
+        selection_probability: `[rows, E]` P(x, i) of the smooth load
+            estimate (zero for invalid rows), or None for a gate without
+            one.
+        slot_mask, threshold_loss, num_dropped: as in `GateOutput`.
+    """
 
     expert_ids: tf.Tensor
     gate_weights: tf.Tensor
@@ -75,25 +88,6 @@ class Routing(NamedTuple):
         return self.slot_mask
 
 
-def _check_gate_args(num_experts, k, num_groups):
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(
-            f"`num_experts` must be an int >= 1, got {num_experts!r}.")
-    if not isinstance(k, int) or not 1 <= k <= num_experts:
-        raise ValueError(
-            f"`k` must be an int in [1, num_experts={num_experts}], "
-            f"got {k!r}.")
-    if num_groups is not None and (not isinstance(num_groups, int)
-                                   or num_groups < 1):
-        raise ValueError(
-            f"`num_groups` must be None or an int >= 1, got {num_groups!r}.")
-
-
-def _weight_shape(num_groups, *shape):
-    return shape if num_groups is None else (num_groups,) + shape
-
-
-@keras.saving.register_keras_serializable(package="tf_moe")
 def top_k_with_gather_gradient(logits, k):
     """`tf.math.top_k` whose values get their gradient through a gather.
 
@@ -106,50 +100,184 @@ def top_k_with_gather_gradient(logits, k):
     return tf.gather(logits, top_ids, batch_dims=1), top_ids
 
 
-class NoisyTopKGate(keras.layers.Layer):
-    """The paper's noisy top-k gate.
+@keras.saving.register_keras_serializable(package="tf_moe")
+class Gate(keras.layers.Layer):
+    """The interface of every gate.
 
-    `H(x) = x W_g + N(0, 1) * (softplus(x W_noise) + noise_epsilon)` in
-    training (no noise at inference, so routing is deterministic),
-    `G(x) = softmax(KeepTopK(H(x), k))`. W_g and W_noise start at zero: no
-    signal and some noise, so routing starts uniform.
+    Subclasses make their weights in `build_weights(model_dim)`, give the
+    projection of tokens to logits as `kernel` (`[(groups,) d,
+    logit_width]`) and implement `route`.
 
-    `noise_epsilon` keeps the noise scale, and so the load estimate
-    `Phi(. / scale)`, finite where softplus underflows; the paper authors'
-    code uses the same 1e-2.
+    Args:
+        num_experts: E, the experts the gate chooses among (per group).
+        k: experts per token (on average, for the batchwise gate).
+        kernel_initializer: for the gate's kernels (the paper: zeros).
+        seed: seed of the gate's random draws.
+        num_groups: None for a flat gate; else one gate per group.
 
     Call arguments (flat gate):
         tokens: `[tokens, d]` floating tensor.
         token_mask: optional `[tokens]` bool; masked tokens get zero gate
-            weights and count in neither importance nor load.
-        training: adds noise when true.
+            weights and count in no balancing statistic.
+        training: the training-mode routing when true.
 
     Returns:
         A `GateOutput`.
     """
 
-    def __init__(self, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
-                 kernel_initializer="zeros", seed=None, num_groups=None,
-                 **kwargs):
+    # Whether a layer sums this gate's balancing statistics over
+    # data-parallel replicas (the batch is global), or keeps them per
+    # replica (a gate that balances each replica's own batch).
+    sums_statistics_over_replicas = True
+    # The names of the extra loss terms its `Routing` carries.
+    loss_names = ()
+
+    def __init__(self, num_experts, k, kernel_initializer="zeros", seed=None,
+                 num_groups=None, **kwargs):
         super().__init__(**kwargs)
-        _check_gate_args(num_experts, k, num_groups)
-        if noise_epsilon < 0:
+        if not isinstance(num_experts, int) or num_experts < 1:
             raise ValueError(
-                f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
+                f"`num_experts` must be an int >= 1, got {num_experts!r}.")
+        if not isinstance(k, int) or not 1 <= k <= num_experts:
+            raise ValueError(
+                f"`k` must be an int in [1, num_experts={num_experts}], "
+                f"got {k!r}.")
+        if num_groups is not None and (not isinstance(num_groups, int)
+                                       or num_groups < 1):
+            raise ValueError("`num_groups` must be None or an int >= 1, got "
+                             f"{num_groups!r}.")
         self.num_experts = num_experts
         self.k = k
-        self.noisy_gating = bool(noisy_gating)
-        self.noise_epsilon = float(noise_epsilon)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.num_groups = num_groups
         self.seed_generator = keras.random.SeedGenerator(seed)
-        self._placement = None  # The MeshPlacement it was built under.
 
     def build(self, input_shape):
-        self._placement = sharding.current_placement()
-        shape = _weight_shape(self.num_groups, input_shape[-1],
-                              self.num_experts)
+        self.strategy = distribution.strategy_at_build()
+        self.build_weights(input_shape[-1])
+
+    def build_weights(self, model_dim):
+        """Makes the gate's weights for inputs of width `model_dim`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement build_weights.")
+
+    def weight_shape(self, *shape):
+        """`shape`, with the groups first for a grouped gate."""
+        return shape if self.num_groups is None else (self.num_groups,) + shape
+
+    @property
+    def kernel(self):
+        """`[(groups,) d, logit_width]`: tokens -> the logits of `route`."""
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement kernel.")
+
+    def route(self, logits, row_valid, training=None, noise=None,
+              row_groups=None, num_segments=1):
+        """Routing of rows of logits.
+
+        Args:
+            logits: `[rows, logit_width]`, rows projected by `kernel`.
+            row_valid: `[rows]` bool, the rows to route (the others get zero
+                weights and count in no statistic).
+            training: the training-mode routing when true.
+            noise: optional `[rows, E]` standard normal noise for a noisy
+                gate in training, instead of drawing it: a caller whose
+                rows are laid out differently on a mesh than on one device
+                draws the noise per token and moves it with the rows.
+            row_groups: `[rows]` int32, each row's group (grouped gate).
+            num_segments: rows come in this many equal segments that a gate
+                balancing its batch balances on their own (a hierarchical
+                layer's groups, and on a mesh each token shard's rows).
+
+        Returns:
+            A `Routing`.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} must implement route.")
+
+    def rows_per_expert(self, num_valid_rows, training):
+        """The rows every expert receives, when the gate fixes it (a
+        balanced gate in training); None otherwise."""
+        del num_valid_rows, training
+        return None
+
+    def uses_noise(self, training):
+        """Whether `route` draws noise (which a caller may pass instead)."""
+        del training
+        return False
+
+    def draw_noise(self, shape, dtype):
+        """Standard normal noise of `shape` from the gate's seed stream,
+        the same on any mesh as on one device."""
+        return self.strategy.normal(shape, dtype, self.seed_generator)
+
+    def call(self, tokens, token_mask=None, training=None):
+        tokens = tf.cast(tokens, self.compute_dtype)
+        row_valid = (tf.ones(tf.shape(tokens)[:1], tf.bool)
+                     if token_mask is None else tf.reshape(token_mask, [-1]))
+        routing = self.route(
+            tf.matmul(tokens, self.kernel), row_valid, training=training,
+            num_segments=self.strategy.num_token_shards)
+        importance = balance.importance(routing.expert_ids,
+                                        routing.gate_weights,
+                                        self.num_experts)
+        probability = routing.selection_probability
+        load = (None if probability is None
+                else tf.reduce_sum(probability, axis=0))
+        return GateOutput(routing.expert_ids, routing.gate_weights,
+                          importance, load, slot_mask=routing.slot_mask,
+                          threshold_loss=routing.threshold_loss,
+                          num_dropped=routing.num_dropped)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            num_experts=self.num_experts,
+            k=self.k,
+            kernel_initializer=keras.initializers.serialize(
+                self.kernel_initializer),
+            seed=self.seed,
+            num_groups=self.num_groups,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package="tf_moe")
+class NoisyTopKGate(Gate):
+    """The paper's noisy top-k gate.
+
+    `H(x) = x W_g + N(0, 1) * (softplus(x W_noise) + noise_epsilon)` in
+    training (no noise at inference, so routing is deterministic),
+    `G(x) = softmax(KeepTopK(H(x), k))`. W_g and W_noise start at zero: no
+    signal and some noise, so routing starts uniform. Its `kernel` is W_g
+    and W_noise side by side, `[(groups,) d, 2E]` (W_g alone without
+    noise).
+
+    `noise_epsilon` keeps the noise scale, and so the load estimate
+    `Phi(. / scale)`, finite where softplus underflows; the paper authors'
+    code uses the same 1e-2.
+
+    Args: as `Gate`, and
+        noisy_gating: the trainable noise and the load estimate; False
+            gives plain top-k.
+        noise_epsilon: added to the noise scale.
+    """
+
+    def __init__(self, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
+                 **kwargs):
+        super().__init__(num_experts, k, **kwargs)
+        if noise_epsilon < 0:
+            raise ValueError(
+                f"`noise_epsilon` must be >= 0, got {noise_epsilon!r}.")
+        self.noisy_gating = bool(noisy_gating)
+        self.noise_epsilon = float(noise_epsilon)
+
+    def uses_noise(self, training):
+        return self.noisy_gating and bool(training)
+
+    def build_weights(self, model_dim):
+        shape = self.weight_shape(model_dim, self.num_experts)
         self.gate_kernel = self.add_weight(
             name="gate_kernel", shape=shape,
             initializer=self.kernel_initializer, autocast=False)
@@ -158,88 +286,47 @@ class NoisyTopKGate(keras.layers.Layer):
                 name="noise_kernel", shape=shape,
                 initializer=self.kernel_initializer, autocast=False)
 
-    def draw_noise(self, shape, dtype):
-        """Standard normal noise of `shape` from the gate's seed stream."""
-        noise = keras.random.normal(shape, dtype=dtype,
-                                    seed=self.seed_generator)
-        if self._placement is not None:
-            # Drawn whole on every device, so that the noise (and the
-            # routing) is the same on any mesh as on one device; DTensor
-            # would otherwise draw each shard's rows from a stream of its
-            # own.
-            noise = dtensor.relayout(
-                noise, self._placement.replicated(noise.shape.rank))
-        return noise
-
-    def route(self, clean_logits, noise_logits=None, training=None,
-              noise=None):
-        """Top-k routing of rows of logits.
-
-        Args:
-            clean_logits: `[rows, E]` x . W_g.
-            noise_logits: `[rows, E]` x . W_noise (noisy gates only).
-            training: adds noise when true.
-            noise: optional `[rows, E]` standard normal noise to use in
-                training instead of drawing it: a caller whose rows are
-                laid out differently on a mesh than on one device draws
-                the noise per token and moves it with the rows.
-
-        Returns:
-            A `Routing`: expert_ids and gate_weights `[rows, k]`, and for a
-            noisy gate the `[rows, E]` selection probability P(x, i) of
-            the load estimate.
-        """
-        logits = clean_logits
+    @property
+    def kernel(self):
+        kernel = tf.convert_to_tensor(self.gate_kernel)
         if self.noisy_gating:
+            # One matmul for the gate and the noise logits.
+            kernel = tf.concat([kernel, self.noise_kernel], axis=-1)
+        return kernel
+
+    def route(self, logits, row_valid, training=None, noise=None,
+              row_groups=None, num_segments=1):
+        del row_groups, num_segments  # Each row is routed on its own.
+        clean_logits = logits
+        if self.noisy_gating:
+            clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
             noise_stddev = tf.nn.softplus(noise_logits) + self.noise_epsilon
-            if training:
-                if noise is None:
-                    noise = self.draw_noise(tf.shape(clean_logits),
-                                            clean_logits.dtype)
-                logits = clean_logits + noise * noise_stddev
+        noisy_logits = clean_logits
+        if self.noisy_gating and training:
+            if noise is None:
+                noise = self.draw_noise(tf.shape(clean_logits),
+                                        clean_logits.dtype)
+            noisy_logits = clean_logits + noise * noise_stddev
         # With k+1 values the load estimator finds kth_excluding for every
         # expert from the same top_k call that picks the experts.
         num_top = min(self.k + 1, self.num_experts)
-        top_values, top_ids = top_k_with_gather_gradient(logits, num_top)
+        top_values, top_ids = top_k_with_gather_gradient(noisy_logits,
+                                                         num_top)
         expert_ids = top_ids[:, :self.k]
-        gate_weights = tf.nn.softmax(top_values[:, :self.k], axis=-1)
+        row_weights = tf.cast(row_valid, clean_logits.dtype)[:, None]
+        gate_weights = (tf.nn.softmax(top_values[:, :self.k], axis=-1)
+                        * row_weights)
         probability = None
         if self.noisy_gating:
             probability = balance.selection_probability(
-                clean_logits, logits, noise_stddev, top_values, self.k)
+                clean_logits, noisy_logits, noise_stddev, top_values,
+                self.k) * row_weights
         return Routing(expert_ids, gate_weights, probability)
-
-    def call(self, tokens, token_mask=None, training=None):
-        tokens = tf.cast(tokens, self.compute_dtype)
-        noise_logits = (tf.matmul(tokens, self.noise_kernel)
-                        if self.noisy_gating else None)
-        routing = self.route(tf.matmul(tokens, self.gate_kernel),
-                             noise_logits, training=training)
-        gate_weights = routing.gate_weights
-        probability = routing.selection_probability
-        if token_mask is not None:
-            token_weights = tf.cast(token_mask, gate_weights.dtype)[:, None]
-            gate_weights *= token_weights
-            if probability is not None:
-                probability *= token_weights
-        importance = balance.importance(routing.expert_ids, gate_weights,
-                                        self.num_experts)
-        load = (None if probability is None
-                else tf.reduce_sum(probability, axis=0))
-        return GateOutput(routing.expert_ids, gate_weights, importance, load)
 
     def get_config(self):
         config = super().get_config()
-        config.update(
-            num_experts=self.num_experts,
-            k=self.k,
-            noisy_gating=self.noisy_gating,
-            noise_epsilon=self.noise_epsilon,
-            kernel_initializer=keras.initializers.serialize(
-                self.kernel_initializer),
-            seed=self.seed,
-            num_groups=self.num_groups,
-        )
+        config.update(noisy_gating=self.noisy_gating,
+                      noise_epsilon=self.noise_epsilon)
         return config
 
 
@@ -376,7 +463,7 @@ def threshold_loss(log_probabilities, thresholds, threshold_mask, batch_mask,
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class BatchwiseGate(keras.layers.Layer):
+class BatchwiseGate(Gate):
     """Strictly balanced gating (paper appendix F).
 
     `G_sigma(x) = softmax(x W_g)`. In training the mask is M_batchwise: each
@@ -397,67 +484,47 @@ class BatchwiseGate(keras.layers.Layer):
     in training. Ties are broken at random in training (see
     `batchwise_mask`).
 
-    Call arguments (flat gate):
-        tokens: `[tokens, d]`.
-        token_mask: optional `[tokens]` bool.
-        training: batchwise mask when true, threshold mask otherwise.
-
-    Returns:
-        A `GateOutput` with `slot_mask` and `threshold_loss`.
+    Its `kernel` is W_g, `[(groups,) d, E]`. Args, call arguments: as
+    `Gate`; in training the batchwise mask, otherwise the threshold mask.
+    The `GateOutput` has `slot_mask` and `threshold_loss`.
     """
 
-    def __init__(self, num_experts, k, kernel_initializer="zeros", seed=None,
-                 num_groups=None, **kwargs):
-        super().__init__(**kwargs)
-        _check_gate_args(num_experts, k, num_groups)
-        self.num_experts = num_experts
-        self.k = k
-        self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.seed = seed
-        self.num_groups = num_groups
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self._placement = None  # The MeshPlacement it was built under.
+    # Each replica (and each mesh shard) balances its own batch.
+    sums_statistics_over_replicas = False
+    loss_names = ("threshold_loss",)
 
-    def build(self, input_shape):
-        self._placement = sharding.current_placement()
+
+    def build_weights(self, model_dim):
         self.gate_kernel = self.add_weight(
             name="gate_kernel",
-            shape=_weight_shape(self.num_groups, input_shape[-1],
-                                self.num_experts),
+            shape=self.weight_shape(model_dim, self.num_experts),
             initializer=self.kernel_initializer, autocast=False)
         self.thresholds = self.add_weight(
-            name="thresholds",
-            shape=_weight_shape(self.num_groups, self.num_experts),
+            name="thresholds", shape=self.weight_shape(self.num_experts),
             initializer=keras.initializers.Constant(
                 -math.log(self.num_experts)), autocast=False)
 
-    def route(self, clean_logits, row_valid, training=None, row_groups=None,
-              num_segments=1):
-        """Balanced routing of rows of logits.
+    @property
+    def kernel(self):
+        return tf.convert_to_tensor(self.gate_kernel)
 
-        Args:
-            clean_logits: `[rows, E]` x . W_g.
-            row_valid: `[rows]` bool, rows to route.
-            training: batchwise mask when true.
-            row_groups: `[rows]` int32, each row's group (grouped gate).
-            num_segments: in training, the rows are this many equal
-                segments balanced on their own (a hierarchical layer's
-                groups; on a mesh, each batch shard's rows too); each
-                needs the same number of rows.
+    def rows_per_expert(self, num_valid_rows, training):
+        if not training:
+            return None
+        return balanced_capacity(num_valid_rows, self.num_experts, self.k)
 
-        Returns:
-            A `Routing` with expert_ids, gate_weights and slot_mask
-            `[rows, k_max]`, threshold_loss and num_dropped. On a mesh
-            shapes are static: k_max is `min(E, 2k)`, a row keeps its most
-            probable experts up to it, and the rest count as dropped.
-        """
-        max_per_expert = max_slots = None
-        if self._placement is not None:
-            rows_per_segment = clean_logits.shape[0] // num_segments
-            max_per_expert = int(balanced_capacity(rows_per_segment,
-                                                   self.num_experts, self.k))
-            max_slots = min(self.num_experts, 2 * self.k)
-        log_probabilities = tf.nn.log_softmax(clean_logits, axis=-1)
+    def route(self, logits, row_valid, training=None, noise=None,
+              row_groups=None, num_segments=1):
+        """See `Gate.route`. Returns expert_ids, gate_weights and slot_mask
+        `[rows, k_max]`, threshold_loss and num_dropped. Where the strategy
+        needs static shapes, k_max is `min(E, 2k)`: a row keeps its most
+        probable experts up to it, and the rest count as dropped."""
+        del noise  # No noise.
+        num_rows = logits.shape[0]
+        max_per_expert, max_slots = self.strategy.batchwise_bounds(
+            None if num_rows is None else num_rows // num_segments,
+            self.num_experts, self.k)
+        log_probabilities = tf.nn.log_softmax(logits, axis=-1)
         thresholds = tf.convert_to_tensor(self.thresholds)
         if row_groups is not None:
             thresholds = tf.gather(thresholds, row_groups)
@@ -484,32 +551,15 @@ class BatchwiseGate(keras.layers.Layer):
         return Routing(expert_ids, gate_weights, slot_mask=slot_mask,
                        threshold_loss=loss, num_dropped=num_dropped)
 
-    def call(self, tokens, token_mask=None, training=None):
-        tokens = tf.cast(tokens, self.compute_dtype)
-        row_valid = (tf.ones(tf.shape(tokens)[:1], tf.bool)
-                     if token_mask is None else tf.reshape(token_mask, [-1]))
-        # On a mesh every batch shard balances its own tokens, as every
-        # replica does under tf.distribute.
-        num_segments = (1 if self._placement is None
-                        else self._placement.num_batch_shards)
-        routing = self.route(tf.matmul(tokens, self.gate_kernel), row_valid,
-                             training=training, num_segments=num_segments)
-        importance = balance.importance(routing.expert_ids,
-                                        routing.gate_weights,
-                                        self.num_experts)
-        return GateOutput(routing.expert_ids, routing.gate_weights,
-                          importance, None, slot_mask=routing.slot_mask,
-                          threshold_loss=routing.threshold_loss,
-                          num_dropped=routing.num_dropped)
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(
-            num_experts=self.num_experts,
-            k=self.k,
-            kernel_initializer=keras.initializers.serialize(
-                self.kernel_initializer),
-            seed=self.seed,
-            num_groups=self.num_groups,
-        )
-        return config
+GATES = {"noisy_top_k": NoisyTopKGate, "batchwise": BatchwiseGate}
+
+
+def make_gate(gating, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
+              **kwargs):
+    """The gate named `gating` (a key of `GATES`); the noise arguments go
+    to the gates that have noise."""
+    gate_class = GATES[gating]
+    if issubclass(gate_class, NoisyTopKGate):
+        kwargs.update(noisy_gating=noisy_gating, noise_epsilon=noise_epsilon)
+    return gate_class(num_experts, k, **kwargs)

@@ -4,14 +4,11 @@ from typing import NamedTuple, Optional
 
 import keras
 import tensorflow as tf
-from tensorflow.experimental import dtensor
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
-from tf_moe import grouped_dispatch
-from tf_moe.experts import grouped_matmul
-from tf_moe.gating import BatchwiseGate, GateOutput, NoisyTopKGate
-from tf_moe.gating import balanced_capacity
+from tf_moe.gating import GateOutput
+from tf_moe.matmul import buffer_matmul
 from tf_moe.mixture import MixtureOfExperts, check_positive_int
 
 
@@ -98,13 +95,7 @@ class HierarchicalMoE(MixtureOfExperts):
     _default_name = "hierarchical_moe"
 
     def __init__(self, num_groups, experts_per_group, hidden_size,
-                 k_primary=2, k_secondary=2, output_size=None,
-                 gating="noisy_top_k", noisy_gating=True,
-                 importance_weight=0.1, load_weight=0.1,
-                 capacity_factor=None, activation="relu", expert_dropout=0.0,
-                 noise_epsilon=1e-2, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", gate_initializer="zeros",
-                 seed=None, **kwargs):
+                 k_primary=2, k_secondary=2, **kwargs):
         check_positive_int("num_groups", num_groups)
         check_positive_int("experts_per_group", experts_per_group)
         check_positive_int("k_primary", k_primary)
@@ -115,63 +106,27 @@ class HierarchicalMoE(MixtureOfExperts):
         if k_secondary > experts_per_group:
             raise ValueError(f"`k_secondary` must be <= experts_per_group "
                              f"({experts_per_group}), got {k_secondary}.")
-        super().__init__(
-            hidden_size, output_size=output_size, gating=gating,
-            noisy_gating=noisy_gating, importance_weight=importance_weight,
-            load_weight=load_weight, capacity_factor=capacity_factor,
-            activation=activation, expert_dropout=expert_dropout,
-            noise_epsilon=noise_epsilon,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            gate_initializer=gate_initializer, seed=seed, **kwargs)
+        super().__init__(hidden_size, **kwargs)
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
         self.k_primary = k_primary
         self.k_secondary = k_secondary
         self.num_experts = num_groups * experts_per_group
         self.experts_per_token = k_primary * k_secondary
-
-        primary_kwargs = self._gate_kwargs()
+        self.primary_gate = self._make_gate(num_groups, k_primary,
+                                            name="primary_gate")
         # The secondary gates draw their own noise (and tie-breaking order).
-        secondary_kwargs = dict(primary_kwargs,
-                                seed=None if seed is None else seed + 1)
-        if self.gating == "batchwise":
-            self.primary_gate = BatchwiseGate(
-                num_groups, k_primary, name="primary_gate", **primary_kwargs)
-            self.secondary_gate = BatchwiseGate(
-                experts_per_group, k_secondary, num_groups=num_groups,
-                name="secondary_gate", **secondary_kwargs)
-        else:
-            noise = dict(noisy_gating=self.noisy_gating,
-                         noise_epsilon=noise_epsilon)
-            self.primary_gate = NoisyTopKGate(
-                num_groups, k_primary, name="primary_gate", **noise,
-                **primary_kwargs)
-            self.secondary_gate = NoisyTopKGate(
-                experts_per_group, k_secondary, num_groups=num_groups,
-                name="secondary_gate", **noise, **secondary_kwargs)
+        self.secondary_gate = self._make_gate(
+            experts_per_group, k_secondary, seed_offset=1,
+            num_groups=num_groups, name="secondary_gate")
 
-    def _build_gates(self, model_dim):
-        self.primary_gate.build((None, model_dim))
-        self.secondary_gate.build((None, model_dim))
+    def _gates(self):
+        return [self.primary_gate, self.secondary_gate]
 
     def _route(self, tokens, token_mask, training):
         primary = self.primary_gate(tokens, token_mask=token_mask,
                                     training=training)
-        # The secondary noise is drawn per (token, primary slot) and moves
-        # with the slot into its group's rows, so the routing does not
-        # depend on how the rows are laid out (one device or a mesh).
-        noise = None
-        if self.noisy_gating and training:
-            noise = self.secondary_gate.draw_noise(
-                [tf.shape(tokens)[0], self.k_primary,
-                 self.experts_per_group], self.secondary_gate.compute_dtype)
-        if self._placement is None:
-            slots = self._secondary_on_device(tokens, token_mask, primary,
-                                              noise, training)
-        else:
-            slots = self._secondary_on_mesh(tokens, token_mask, primary,
-                                            noise, training)
+        slots = self._route_secondary(tokens, token_mask, primary, training)
 
         primary_ids = primary.expert_ids[:, :, None]
         expert_ids = primary_ids * self.experts_per_group + slots.expert_ids
@@ -179,8 +134,13 @@ class HierarchicalMoE(MixtureOfExperts):
                         * tf.cast(slots.gate_weights,
                                   primary.gate_weights.dtype))
 
-        def flat(x):  # [T, k1, k2] -> [T, k1 * k2]
-            return tf.reshape(x, [tf.shape(x)[0], -1])
+        def flat(x):  # [T, k1, k2] -> [T, k1 * k2], keeping static sizes
+            shape = tf.shape(x)
+            flat_x = tf.reshape(x, [shape[0], shape[1] * shape[2]])
+            slots = (None if x.shape[2] is None
+                     else x.shape[1] * x.shape[2])
+            flat_x.set_shape([x.shape[0], slots])
+            return flat_x
 
         expert_ids, gate_weights, slot_mask = (
             flat(expert_ids), flat(gate_weights), flat(slots.slot_mask))
@@ -200,170 +160,99 @@ class HierarchicalMoE(MixtureOfExperts):
         return gate_output, (slots.num_dropped
                              + primary.num_dropped * self.k_secondary)
 
-    def _group_capacity(self, tokens, token_mask, training):
-        if self.gating == "batchwise" and training:
-            # Every group gets exactly m1 tokens: one buffer of m1 rows per
-            # group, which the secondary batchwise gate balances on its own.
-            num_valid = (tf.shape(tokens)[0] if token_mask is None else
-                         tf.reduce_sum(tf.cast(token_mask, tf.int32)))
-            capacity = balanced_capacity(num_valid, self.num_groups,
-                                         self.k_primary)
-            fixed = self._capacity(tokens, self.num_groups, self.k_primary)
-            return capacity if fixed is None else tf.minimum(capacity, fixed)
-        return self._capacity(tokens, self.num_groups, self.k_primary)
-
-    def _secondary_kernel(self):
-        """`[groups, d, B]` (`[groups, d, 2B]`: gate, then noise kernel)."""
+    def _route_secondary(self, tokens, token_mask, primary, training):
+        """Tokens into their groups' buffers (one set per token shard), each
+        group's gate as a batched matmul over its rows, and back to the
+        tokens' primary slots: `SecondarySlots`."""
         gate = self.secondary_gate
-        kernel = tf.convert_to_tensor(gate.gate_kernel)
-        if self.noisy_gating:
-            # One grouped matmul for the gate and the noise logits.
-            kernel = tf.concat([kernel, gate.noise_kernel], axis=-1)
-        return kernel
+        plan, shards = self._group_plan(tokens, token_mask, primary,
+                                        training)
+        num_shards, tokens_per_shard, primary_slots = (
+            plan.slot_buffer_row.shape.as_list())
+        main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
+        dtype = gate.compute_dtype
+        main_logits, overflow_logits = buffer_matmul(
+            tf.cast(main, dtype),
+            None if overflow is None else tf.cast(overflow, dtype),
+            gate.kernel, plan.overflow_experts,
+            compiled=self.strategy.compiles_experts)
 
-    def _route_rows(self, logits, noise, row_valid, row_groups, training,
-                    num_segments=None):
-        """The secondary gate on `[rows, B or 2B]` logits of group rows
-        (batchwise: `num_segments` equal segments, default one a group)."""
-        gate = self.secondary_gate
-        if self.gating == "batchwise":
-            return gate.route(logits, row_valid, training=training,
-                              row_groups=row_groups,
-                              num_segments=num_segments or self.num_groups)
-        if self.noisy_gating:
-            clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
-            return gate.route(clean_logits, noise_logits, training=training,
-                              noise=noise)
-        return gate.route(logits, training=training)
+        # Rows of every shard: main [groups * C1], then (one shard) overflow.
+        width = main_logits.shape[-1]
+        logits = tf.reshape(main_logits, [num_shards, -1, width])
+        row_groups = tf.repeat(tf.range(self.num_groups), plan.capacity)
+        if overflow is not None:
+            logits = tf.concat(
+                [logits, tf.reshape(overflow_logits, [1, -1, width])], axis=1)
+            row_groups = tf.concat([row_groups, tf.repeat(
+                plan.overflow_experts, plan.overflow_capacity)], axis=0)
+        num_rows = logits.shape[1] or tf.shape(logits)[1]
+        row_valid = plan.buffer_slot < tf.size(plan.slot_buffer_row[0])
+        noise = None
+        if gate.uses_noise(training):
+            # Drawn per (token, primary slot), moving with the slot into its
+            # group's rows: the routing does not depend on how the rows are
+            # laid out (one device or a mesh).
+            noise = gate.draw_noise(
+                [tf.shape(tokens)[0], primary_slots * self.experts_per_group],
+                dtype)
+            noise = tf.reshape(shards(noise), [num_shards, -1,
+                                               self.experts_per_group])
+            noise = tf.reshape(dispatch_lib.gather_padded(
+                noise, plan.buffer_slot, batch_dims=1),
+                [-1, self.experts_per_group])
+        # Batchwise gating balances each (shard, group) segment on its own,
+        # as each replica's groups under tf.distribute.
+        routing = gate.route(
+            tf.reshape(logits, [-1, width]), tf.reshape(row_valid, [-1]),
+            training=training, noise=noise,
+            row_groups=tf.tile(row_groups, [num_shards]),
+            num_segments=num_shards * self.num_groups)
 
-    def _secondary_on_device(self, tokens, token_mask, primary, noise,
-                             training):
-        """Tokens into dropless (or fixed) group buffers, each group's gate
-        as a grouped matmul over them, and back: `SecondarySlots`."""
-        group_plan = dispatch_lib.make_dispatch_plan(
-            primary.expert_ids, self.num_groups,
-            capacity=self._group_capacity(tokens, token_mask, training),
-            token_mask=token_mask, slot_mask=primary.slot_mask)
-        main, overflow = dispatch_lib.dispatch(tokens, group_plan)
-        kernel = self._secondary_kernel()
-        dtype = self.secondary_gate.compute_dtype
-        main_logits, overflow_logits = grouped_matmul(
-            tf.cast(main, dtype), tf.cast(overflow, dtype), kernel,
-            group_plan.overflow_experts)
-        logits = tf.concat(
-            [tf.reshape(main_logits, [-1, kernel.shape[-1]]),
-             tf.reshape(overflow_logits, [-1, kernel.shape[-1]])], axis=0)
-        num_slots = tf.size(group_plan.slot_buffer_row)
-        row_valid = group_plan.buffer_slot < num_slots
-        row_groups = tf.concat([
-            tf.repeat(tf.range(self.num_groups), group_plan.capacity),
-            tf.repeat(group_plan.overflow_experts,
-                      group_plan.overflow_capacity)], axis=0)
-        if noise is not None:  # Token-major slots, as buffer_slot counts.
-            noise = dispatch_lib.gather_padded(
-                tf.reshape(noise, [-1, self.experts_per_group]),
-                group_plan.buffer_slot)
-        routing = self._route_rows(logits, noise, row_valid, row_groups,
-                                   training)
-
-        row_weights = tf.cast(row_valid, tf.float32)
+        row_groups = tf.tile(row_groups, [num_shards])
         group_load = None
         if routing.selection_probability is not None:
             group_load = tf.math.unsorted_segment_sum(
-                routing.selection_probability * row_weights[:, None],
-                row_groups, self.num_groups)
+                routing.selection_probability, row_groups, self.num_groups)
         group_tokens = tf.math.unsorted_segment_sum(
-            row_weights, row_groups, self.num_groups)
+            tf.cast(tf.reshape(row_valid, [-1]), tf.float32), row_groups,
+            self.num_groups)
 
-        # Back from group rows to each token's primary slots: [T, k1, k2].
-        slot_row = group_plan.slot_buffer_row
-        slot_mask = dispatch_lib.gather_padded(routing.routed_slots,
-                                               slot_row, False)
-        return SecondarySlots(
-            expert_ids=dispatch_lib.gather_padded(routing.expert_ids,
-                                                  slot_row, 0),
-            gate_weights=dispatch_lib.gather_padded(routing.gate_weights,
-                                                    slot_row, 0.0),
-            slot_mask=slot_mask & group_plan.slot_kept[:, :, None],
-            group_load=group_load, group_tokens=group_tokens,
-            threshold_loss=routing.threshold_loss,
-            num_dropped=(group_plan.num_dropped * self.k_secondary
-                         + routing.num_dropped))
+        def to_slots(x):  # [shards * rows, m] -> [T, k1, m]
+            x = tf.reshape(x, [num_shards, num_rows, -1])
+            x = dispatch_lib.gather_padded(x, plan.slot_buffer_row,
+                                           batch_dims=1)
+            return self.strategy.merge_shards(x)
 
-    def _secondary_on_mesh(self, tokens, token_mask, primary, noise,
-                           training):
-        """Each batch shard dispatches its tokens into its own group
-        buffers `[shards, groups, C1, d]` at a fixed capacity, where the
-        (replicated) group gates run as one einsum: no data moves between
-        devices until the expert dispatch. Returns `SecondarySlots`."""
-        plan, grouped = self._plan_per_shard(
-            tokens, token_mask, primary.expert_ids, primary.slot_mask,
-            self.num_groups, self.k_primary)
-        num_tokens = tokens.shape[0]
-        primary_slots = primary.expert_ids.shape[1]  # k1 (static k_max)
-        num_shards = self._placement.num_batch_shards
-        shard_size = num_tokens // num_shards
-        capacity = plan.capacity
-        buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
-                                            self.num_groups)
-        kernel = self._secondary_kernel()
-        logits = tf.einsum(
-            "gncd,nde->gnce",
-            tf.cast(buffers, self.secondary_gate.compute_dtype), kernel)
-        row_valid = plan.row_token < shard_size  # [shards, groups * C1]
-        if noise is not None:  # [T, k1, B] -> the rows' [shards, rows, B].
-            noise = dtensor.relayout(
-                tf.reshape(noise, [num_shards, -1, self.experts_per_group]),
-                self._placement.batch_sharded(3))
-            noise = tf.reshape(
-                grouped_dispatch.gather_padded(noise, plan.row_slot),
-                [-1, self.experts_per_group])
-        # Rows are [shards, groups, C1]: batchwise gating balances each
-        # (shard, group) segment, as each replica's groups under
-        # tf.distribute.
-        row_groups = tf.tile(tf.repeat(tf.range(self.num_groups), capacity),
-                             [num_shards])
-        routing = self._route_rows(
-            tf.reshape(logits, [-1, kernel.shape[-1]]), noise,
-            tf.reshape(row_valid, [-1]), row_groups, training,
-            num_segments=num_shards * self.num_groups)
-
-        def per_group(x):  # [rows, ...] -> [shards, groups, C1, ...]
-            return tf.reshape(x, [num_shards, self.num_groups, capacity]
-                              + x.shape[1:].as_list())
-
-        row_weights = per_group(tf.reshape(tf.cast(row_valid, tf.float32),
-                                           [-1]))
-        group_load = None
-        if routing.selection_probability is not None:
-            group_load = tf.reduce_sum(
-                per_group(routing.selection_probability)
-                * row_weights[..., None], axis=[0, 2])
-        group_tokens = tf.reduce_sum(row_weights, axis=[0, 2])
-
-        def to_slots(x):  # [rows, k2] -> [T, k1, k2]
-            slots = x.shape[-1]  # k2, or the batchwise gate's static k_max
-            x = tf.reshape(x, [num_shards, -1, slots])
-            x = grouped_dispatch.gather_padded(x, plan.slot_row)
-            return tf.reshape(x, [num_tokens, primary_slots, slots])
-
-        slot_kept = tf.reshape(plan.slot_kept, [num_tokens, primary_slots])
-        slot_mask = to_slots(routing.routed_slots)
+        slot_kept = self.strategy.merge_shards(plan.slot_kept)
         return SecondarySlots(
             expert_ids=to_slots(routing.expert_ids),
             gate_weights=to_slots(routing.gate_weights),
-            slot_mask=slot_mask & slot_kept[:, :, None],
+            slot_mask=to_slots(routing.routed_slots) & slot_kept[:, :, None],
             group_load=group_load, group_tokens=group_tokens,
             threshold_loss=routing.threshold_loss,
-            num_dropped=plan.num_dropped * self.k_secondary
-            + routing.num_dropped)
+            num_dropped=(plan.num_dropped * self.k_secondary
+                         + routing.num_dropped))
+
+    def _group_plan(self, tokens, token_mask, primary, training):
+        """The plan of the primary slots into the group buffers; in
+        batchwise training every group takes exactly m1 tokens of each
+        shard (one buffer of m1 rows per group, which the secondary gate
+        balances on its own)."""
+        num_valid = (tf.shape(tokens)[0] if token_mask is None else
+                     tf.reduce_sum(tf.cast(token_mask, tf.int32)))
+        return self.dispatch_plan(
+            primary.expert_ids, token_mask, primary.slot_mask,
+            self.num_groups, self.k_primary,
+            exact_capacity=self.primary_gate.rows_per_expert(num_valid,
+                                                             training))
 
     def _hierarchical_load(self, primary_load, slots):
         """`Load_H[i, j] = Load_primary[i] * Load_i(X_i)[j] / |X_i|`."""
         # |X_i| and Load_i over all replicas' tokens; Load_primary stays
         # local (the layer sums Load_H over replicas, and the factor below
         # is the same on every replica).
-        group_load, group_tokens = balance.sum_over_replicas(
+        group_load, group_tokens = self.strategy.sum_over_replicas(
             [tf.cast(slots.group_load, primary_load.dtype),
              tf.cast(slots.group_tokens, primary_load.dtype)])
         per_token = tf.where(

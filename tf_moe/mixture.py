@@ -1,24 +1,32 @@
 """What every MoE layer shares: tokens in, routed experts, tokens out.
 
-A subclass decides the routing (`_route`: a `GateOutput` over all of its
-experts); this base checks the arguments, flattens the input into tokens,
-dispatches them to the experts, combines the outputs, adds the balancing
-losses and records the metrics.
-"""
+The data flow of one call (the README's ARCHITECTURE section):
 
-import threading
+    inputs [..., d] -> tokens [T, d]
+      -> route (the subclass's gates): a GateOutput over all experts
+      -> token shards [shards, T / shards, ...] (the strategy)
+      -> plan (`tf_moe.plan`) -> buffers (`tf_moe.dispatch`)
+      -> the strategy moves them to the experts -> experts -> back
+      -> combine, weighted by the gates -> [..., d_out]
+      -> balancing losses (`tf_moe.balance`), summed over replicas by the
+         strategy, through add_loss; routing metrics.
+
+A subclass builds its gates (`_build_gates`) and decides the routing
+(`_route`); this base checks the shared arguments, runs the rest, and keeps
+the metrics.
+"""
 
 import keras
 import tensorflow as tf
-from tensorflow.experimental import dtensor
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
-from tf_moe import grouped_dispatch
-from tf_moe import sharding
+from tf_moe import distribution
+from tf_moe import gating as gating_lib
+from tf_moe import plan as plan_lib
 from tf_moe.experts import Experts
 
-GATINGS = ("noisy_top_k", "batchwise")
+GATINGS = tuple(gating_lib.GATES)
 
 
 def check_positive_int(name, value):
@@ -32,18 +40,21 @@ def check_non_negative(name, value):
         raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
 
 
-class MixtureOfExperts(keras.layers.Layer):
-    """Base of `MoE` and `HierarchicalMoE` (see their docstrings).
+class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
+    """Base of `MoE` and `HierarchicalMoE` (see their docstrings, which
+    document these arguments).
 
     Subclasses set `num_experts` (all experts) and `experts_per_token` (k
     of the whole layer, for the capacity) before `build`, build their gates
-    in `_build_gates(model_dim)` and implement `_route`.
+    in `_build_gates(model_dim)`, list them in `_gates()` and implement
+    `_route`.
     """
 
     _default_name = "moe"
 
-    def __init__(self, hidden_size, output_size=None, gating="noisy_top_k",
-                 noisy_gating=True, importance_weight=0.1, load_weight=0.1,
+    def __init__(self, hidden_size, *, output_size=None,
+                 gating="noisy_top_k", noisy_gating=True,
+                 importance_weight=0.1, load_weight=0.1,
                  capacity_factor=None, activation="relu", expert_dropout=0.0,
                  noise_epsilon=1e-2, kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", gate_initializer="zeros",
@@ -91,26 +102,27 @@ class MixtureOfExperts(keras.layers.Layer):
         self.gate_initializer = keras.initializers.get(gate_initializer)
         self.seed = seed
         self.supports_masking = True
-        self._placement = None  # The MeshPlacement it was built under.
-        self._loss_threads = {}  # id(loss) -> the thread that added it.
 
         # The paper's Table 6 measures: CV(Importance), CV(Load) and
         # max(Load)/mean(Load), with Load the tokens each expert received
         # (what the smooth Load estimates). Means over the calls since the
         # last reset_state.
-        metrics = ["importance_loss", "load_loss", "importance_cv", "load_cv",
-                   "load_max_over_mean", "dropped_fraction"]
-        if gating == "batchwise":
-            metrics.append("threshold_loss")
+        metrics = (["importance_loss", "load_loss", "importance_cv",
+                    "load_cv", "load_max_over_mean", "dropped_fraction"]
+                   + list(gating_lib.GATES[gating].loss_names))
         self._metric_trackers = {
             metric: keras.metrics.Mean(name=f"{self.name}_{metric}")
             for metric in metrics
         }
 
-    def _gate_kwargs(self):
-        """Arguments of the gates: float32 under mixed precision."""
-        return dict(kernel_initializer=self.gate_initializer, seed=self.seed,
-                    dtype=self.dtype_policy.variable_dtype)
+    def _make_gate(self, num_experts, k, seed_offset=0, **kwargs):
+        """A gate of the layer's gating, float32 under mixed precision."""
+        return gating_lib.make_gate(
+            self.gating, num_experts, k, noisy_gating=self.noisy_gating,
+            noise_epsilon=self.noise_epsilon,
+            kernel_initializer=self.gate_initializer,
+            seed=None if self.seed is None else self.seed + seed_offset,
+            dtype=self.dtype_policy.variable_dtype, **kwargs)
 
     def build(self, input_shape):
         if len(input_shape) < 2:
@@ -123,11 +135,10 @@ class MixtureOfExperts(keras.layers.Layer):
                 "`inputs` must have a known last dimension (the model "
                 f"width d), got shape {tuple(input_shape)}.")
         self.model_dim = model_dim
-        # Built under a placement scope, the layer routes on its mesh.
-        self._placement = sharding.current_placement()
-        if self._placement is not None:
-            self._placement.check_num_experts(self.num_experts, self.name)
-        self._build_gates(model_dim)
+        self.strategy = distribution.strategy_at_build()
+        self.strategy.check_num_experts(self.num_experts, self.name)
+        for gate in self._gates():
+            gate.build((None, model_dim))
         self.experts = Experts(
             self.num_experts, self.hidden_size,
             self.output_size or model_dim, activation=self.activation,
@@ -140,10 +151,11 @@ class MixtureOfExperts(keras.layers.Layer):
             name="expert_token_counts", shape=(self.num_experts,),
             dtype="int32", initializer="zeros", trainable=False)
 
-    def _build_gates(self, model_dim):
-        """Builds the subclass's gates for inputs of width `model_dim`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement _build_gates.")
+    def _gates(self):
+        """The layer's gates (the first decides how statistics sum over
+        replicas)."""
+        raise NotImplementedError(f"{type(self).__name__} must list its "
+                                  "gates in _gates.")
 
     def _route(self, tokens, token_mask, training):
         """Decides the routing of a batch.
@@ -168,13 +180,65 @@ class MixtureOfExperts(keras.layers.Layer):
 
         gate_output, dropped_before_dispatch = self._route(
             tokens, token_mask, training)
-        if self._placement is None:
-            outputs, plan = self._run_experts(tokens, token_mask, gate_output,
-                                              training)
-        else:
-            outputs, plan = self._run_experts_on_mesh(
-                tokens, token_mask, gate_output, training)
+        outputs, plan = self._run_experts(tokens, token_mask, gate_output,
+                                          training)
+        self._add_losses_and_metrics(gate_output, plan,
+                                     dropped_before_dispatch)
+        output_shape = tf.concat(
+            [tf.shape(inputs)[:-1], [output_size]], axis=0)
+        return tf.reshape(outputs, output_shape)
 
+    def dispatch_plan(self, expert_ids, token_mask, slot_mask, num_experts,
+                      experts_per_token, exact_capacity=None):
+        """The plan of `[T, k]` routing slots into `num_experts` buffers,
+        one per token shard, at the layer's capacity.
+
+        `exact_capacity` (optional scalar int32): the rows every expert
+        receives when a balanced gate fixes it; the strategy fits the
+        capacity to it where shapes may vary.
+
+        Returns:
+            `(plan, shards)`: the `DispatchPlan` (with a shard dimension)
+            and `shards(x)`, the strategy's `[T, ...] -> [shards, T /
+            shards, ...]`.
+        """
+        shards = self.strategy.shard_tokens
+        expert_ids = shards(expert_ids)
+        capacity = None
+        capacity_factor = self.strategy.capacity_factor(self.capacity_factor)
+        if capacity_factor is not None:
+            tokens_per_shard = expert_ids.shape[1]
+            if tokens_per_shard is None:
+                tokens_per_shard = tf.shape(expert_ids)[1]
+            capacity = plan_lib.fixed_capacity(
+                tokens_per_shard, num_experts, experts_per_token,
+                capacity_factor)
+        if exact_capacity is not None:
+            capacity = self.strategy.fit_capacity(capacity, exact_capacity)
+        plan = plan_lib.make_dispatch_plan(
+            expert_ids, num_experts, capacity=capacity,
+            token_mask=shards(token_mask), slot_mask=shards(slot_mask))
+        return plan, shards
+
+    def _run_experts(self, tokens, token_mask, gate_output, training):
+        """Dispatch, experts and combine: `([T, d_out], DispatchPlan)`."""
+        plan, shards = self.dispatch_plan(
+            gate_output.expert_ids, token_mask, gate_output.slot_mask,
+            self.num_experts, self.experts_per_token)
+        main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
+        main = self.strategy.to_experts(main)
+        if overflow is None:
+            main_out, overflow_out = self.experts(main, training=training), None
+        else:
+            main_out, overflow_out = self.experts(
+                main, overflow, plan.overflow_experts, training=training)
+        main_out = self.strategy.from_experts(main_out)
+        outputs = dispatch_lib.combine((main_out, overflow_out), plan,
+                                       shards(gate_output.gate_weights))
+        return self.strategy.merge_shards(outputs), plan
+
+    def _add_losses_and_metrics(self, gate_output, plan,
+                                dropped_before_dispatch):
         # Batch sums over all data-parallel replicas, in one all-reduce.
         counts_and_drops = tf.concat([
             tf.cast(plan.expert_counts, tf.float32),
@@ -183,10 +247,8 @@ class MixtureOfExperts(keras.layers.Layer):
         statistics = [gate_output.importance, counts_and_drops]
         if gate_output.load is not None:
             statistics.append(gate_output.load)
-        if self.gating == "noisy_top_k":
-            # (Batchwise gating balances each replica's own batch, m tokens
-            # per expert of it, so its statistics stay per replica too.)
-            statistics = balance.sum_over_replicas(statistics)
+        if self._gates()[0].sums_statistics_over_replicas:
+            statistics = self.strategy.sum_over_replicas(statistics)
         importance, counts_and_drops = statistics[:2]
         load = statistics[2] if gate_output.load is not None else None
 
@@ -197,131 +259,14 @@ class MixtureOfExperts(keras.layers.Layer):
         if gate_output.threshold_loss is not None:
             losses["threshold_loss"] = gate_output.threshold_loss
         self.add_loss(tf.add_n(list(losses.values())))
-        self._record_routing(importance, counts_and_drops, losses)
 
-        output_shape = tf.concat(
-            [tf.shape(inputs)[:-1], [output_size]], axis=0)
-        return tf.reshape(outputs, output_shape)
-
-    def add_loss(self, loss):
-        super().add_loss(loss)
-        self._loss_threads[id(loss)] = threading.get_ident()
-
-    def _clear_losses(self):
-        super()._clear_losses()
-        self._loss_threads.clear()
-
-    def _get_own_losses(self):
-        # MirroredStrategy runs its replicas as threads that take turns at
-        # every cross-replica sync, and Keras keeps a layer's losses in one
-        # list. The all-reduce of Importance and Load comes before add_loss,
-        # so replica r would read the r+1 losses added so far (the reported
-        # loss, not the gradients, which are per thread). Each replica
-        # keeps to its own.
-        losses = super()._get_own_losses()
-        if tf.distribute.get_strategy().num_replicas_in_sync == 1:
-            return losses
-        thread = threading.get_ident()
-        return [loss for loss in losses
-                if self._loss_threads.get(id(loss), thread) == thread]
-
-    def _run_experts(self, tokens, token_mask, gate_output, training):
-        """Dispatch, experts and combine on one device: `([T, d_out],
-        DispatchPlan)`."""
-        plan = dispatch_lib.make_dispatch_plan(
-            gate_output.expert_ids, self.num_experts,
-            capacity=self._capacity(tokens, self.num_experts,
-                                    self.experts_per_token),
-            token_mask=token_mask, slot_mask=gate_output.slot_mask)
-        main, overflow = dispatch_lib.dispatch(tokens, plan)
-        expert_outputs = self.experts(main, overflow, plan.overflow_experts,
-                                      training=training)
-        outputs = dispatch_lib.combine(expert_outputs, plan,
-                                       gate_output.gate_weights)
-        return outputs, plan
-
-    def _run_experts_on_mesh(self, tokens, token_mask, gate_output,
-                             training):
-        """Each batch shard routes its tokens into its own `[E, C, d]`
-        buffers; relayouting them to the experts' devices and back is the
-        all-to-all. Returns `([T, d_out], GroupedPlan)`."""
-        placement = self._placement
-        plan, grouped = self._plan_per_shard(
-            tokens, token_mask, gate_output.expert_ids, gate_output.slot_mask,
-            self.num_experts, self.experts_per_token)
-        buffers = grouped_dispatch.dispatch(grouped(tokens), plan,
-                                            self.num_experts)
-        buffers = dtensor.relayout(buffers, placement.buffer_layout())
-        expert_outputs = self.experts(buffers, training=training)
-        expert_outputs = dtensor.relayout(
-            expert_outputs, placement.batch_sharded(4))
-        outputs = grouped_dispatch.combine(
-            expert_outputs, plan, grouped(gate_output.gate_weights))
-        return tf.reshape(outputs, [tokens.shape[0], -1]), plan
-
-    def _plan_per_shard(self, tokens, token_mask, expert_ids, slot_mask,
-                        num_experts, experts_per_token):
-        """On a mesh, every batch shard's plan for its own `[num_experts,
-        C, d]` buffers at a fixed capacity C.
-
-        Returns:
-            `(plan, grouped)`: the `GroupedPlan`, and `grouped(x)`, which
-            splits a `[T, ...]` tensor into `[shards, T / shards, ...]`
-            (None stays None).
-        """
-        placement = self._placement
-        num_shards = placement.num_batch_shards
-        shard_size = self._check_static_tokens(tokens) // num_shards
-        capacity = dispatch_lib.fixed_capacity(
-            shard_size, num_experts, experts_per_token,
-            self.capacity_factor or placement.capacity_factor)
-
-        def grouped(x):
-            return None if x is None else tf.reshape(
-                x, [num_shards, shard_size] + x.shape[1:].as_list())
-
-        plan = grouped_dispatch.make_grouped_plan(
-            grouped(expert_ids), num_experts, capacity,
-            token_mask=grouped(token_mask), slot_mask=grouped(slot_mask))
-        return plan, grouped
-
-    def _check_static_tokens(self, tokens):
-        """The number of `[T, d]` tokens, which on a mesh must be static and
-        divisible by the batch axis."""
-        num_tokens = tokens.shape[0]
-        if num_tokens is None:
-            raise ValueError(
-                f"{self.name}: on a mesh the number of tokens must be static "
-                "(call the layer inside a tf.function traced on the batch).")
-        self._placement.check_batch(num_tokens, what="number of tokens")
-        return num_tokens
-
-    def _capacity(self, tokens, num_experts, experts_per_token):
-        """The fixed per-expert capacity, or None (dropless)."""
-        if self.capacity_factor is None:
-            return None
-        num_tokens = tokens.shape[0]
-        if num_tokens is None:
-            num_tokens = tf.shape(tokens)[0]
-        return dispatch_lib.fixed_capacity(
-            num_tokens, num_experts, experts_per_token, self.capacity_factor)
-
-    def _record_routing(self, importance, counts_and_drops, losses):
-        """Metrics from the batch's `[E]` Importance and from
-        `[E + 2]` float32: each expert's routed slots, then the slots
-        dropped at dispatch and before it."""
         counts = counts_and_drops[:self.num_experts]
         num_dropped, dropped_before = tf.unstack(
             counts_and_drops[self.num_experts:])
-        routed = tf.reduce_sum(counts) + dropped_before
-        values = dict(losses)
-        values["importance_cv"] = tf.sqrt(
-            balance.cv_squared(tf.cast(importance, tf.float32)))
-        values["load_cv"] = tf.sqrt(balance.cv_squared(counts))
-        values["load_max_over_mean"] = tf.math.divide_no_nan(
-            tf.reduce_max(counts), tf.reduce_mean(counts))
-        values["dropped_fraction"] = tf.math.divide_no_nan(
-            num_dropped + dropped_before, routed)
+        values = balance.routing_statistics(
+            importance, counts, num_dropped + dropped_before,
+            tf.reduce_sum(counts) + dropped_before)
+        values.update(losses)
         for metric, value in values.items():
             self._metric_trackers[metric].update_state(value)
         self.expert_token_counts.assign(tf.cast(counts, tf.int32))
@@ -335,7 +280,7 @@ class MixtureOfExperts(keras.layers.Layer):
         each expert) and `dropped_fraction`. With `reset=True` the averages
         start again afterwards, e.g. between training and evaluation.
         """
-        values = {name: float(sharding.to_numpy(tracker.result()))
+        values = {name: float(distribution.to_numpy(tracker.result()))
                   for name, tracker in self._metric_trackers.items()}
         if reset:
             for tracker in self._metric_trackers.values():

@@ -2,7 +2,6 @@
 
 import keras
 
-from tf_moe.gating import BatchwiseGate, NoisyTopKGate
 from tf_moe.mixture import MixtureOfExperts, check_positive_int
 
 
@@ -68,41 +67,20 @@ class MoE(MixtureOfExperts):
         `[..., output_size]`.
     """
 
-    def __init__(self, num_experts, hidden_size, k=4, output_size=None,
-                 gating="noisy_top_k", noisy_gating=True,
-                 importance_weight=0.1, load_weight=0.1,
-                 capacity_factor=None, activation="relu", expert_dropout=0.0,
-                 noise_epsilon=1e-2, kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", gate_initializer="zeros",
-                 seed=None, **kwargs):
+    def __init__(self, num_experts, hidden_size, k=4, **kwargs):
         check_positive_int("num_experts", num_experts)
         check_positive_int("k", k)
         if k > num_experts:
             raise ValueError(
                 f"`k` must be <= num_experts ({num_experts}), got {k}.")
-        super().__init__(
-            hidden_size, output_size=output_size, gating=gating,
-            noisy_gating=noisy_gating, importance_weight=importance_weight,
-            load_weight=load_weight, capacity_factor=capacity_factor,
-            activation=activation, expert_dropout=expert_dropout,
-            noise_epsilon=noise_epsilon,
-            kernel_initializer=kernel_initializer,
-            bias_initializer=bias_initializer,
-            gate_initializer=gate_initializer, seed=seed, **kwargs)
+        super().__init__(hidden_size, **kwargs)
         self.num_experts = num_experts
         self.k = k
         self.experts_per_token = k
-        if self.gating == "batchwise":
-            self.gate = BatchwiseGate(num_experts, k, name="gate",
-                                      **self._gate_kwargs())
-        else:
-            self.gate = NoisyTopKGate(
-                num_experts, k, noisy_gating=self.noisy_gating,
-                noise_epsilon=noise_epsilon, name="gate",
-                **self._gate_kwargs())
+        self.gate = self._make_gate(num_experts, k, name="gate")
 
-    def _build_gates(self, model_dim):
-        self.gate.build((None, model_dim))
+    def _gates(self):
+        return [self.gate]
 
     def _route(self, tokens, token_mask, training):
         gate_output = self.gate(tokens, token_mask=token_mask,

@@ -21,7 +21,7 @@ configs and checkpoints are Keras's either way.
 import keras
 import tensorflow as tf
 
-from tf_moe import sharding
+from tf_moe import distribution
 
 
 class MeshRecurrent:
@@ -29,11 +29,12 @@ class MeshRecurrent:
     unrolls its time loop; otherwise it is the Keras layer unchanged."""
 
     def build(self, sequences_shape, initial_state_shape=None):
-        self._placement = sharding.current_placement()
+        # Unrolled where programs have no while loops (a DTensor mesh).
+        self._unrolled = distribution.strategy_at_build().static_shapes
         super().build(sequences_shape, initial_state_shape)
 
     def inner_loop(self, sequences, initial_state, mask, training=False):
-        if getattr(self, "_placement", None) is None:
+        if not getattr(self, "_unrolled", False):
             return super().inner_loop(sequences, initial_state, mask,
                                       training=training)
         return self._unrolled_loop(sequences, initial_state, mask, training)
@@ -106,7 +107,7 @@ class Bidirectional(keras.layers.Bidirectional):
     a `MeshRecurrent` layer, returning sequences, concatenated)."""
 
     def call(self, sequences, initial_state=None, mask=None, training=None):
-        if getattr(self.forward_layer, "_placement", None) is None:
+        if not getattr(self.forward_layer, "_unrolled", False):
             return super().call(sequences, initial_state=initial_state,
                                 mask=mask, training=training)
         if (initial_state is not None or self.return_state

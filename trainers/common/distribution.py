@@ -178,10 +178,10 @@ class Distribution:
             loss = nll_sum / tokens + aux / replicas
             return loss, dict(stats, nll=nll_sum, aux=aux / replicas)
 
-        def gradients(batch, tokens):
+        def stats_and_gradients(batch, tokens):
             with tf.GradientTape() as tape:
                 loss, stats = objective(batch, tokens)
-            return tape.gradient(loss, variables), stats
+            return stats, tape.gradient(loss, variables)
 
         def apply(grads):
             optimizer.apply(grads, variables)
@@ -192,7 +192,7 @@ class Distribution:
             @tf.function(reduce_retracing=True)
             def replica_step(batch, tokens):
                 def step(replica_batch):
-                    grads, stats = gradients(replica_batch, tokens)
+                    stats, grads = stats_and_gradients(replica_batch, tokens)
                     apply(grads)
                     return stats
                 stats = strategy.run(step, args=(batch,))
@@ -208,11 +208,7 @@ class Distribution:
 
         if self.placement is not None:
             placement = self.placement
-            # Gradients and update in two functions: fused, DTensor lost
-            # Adam's first update (see tf_moe.sharding.MeshTrainer). Traced
-            # per batch shape: the mesh's MoE buffers need static shapes.
-            compiled_gradients = tf.function(gradients)
-            compiled_apply = tf.function(apply)
+            step = sharding.MeshStep(placement, stats_and_gradients, apply)
 
             def run(batch):
                 batch = pad_time(pad_rows(batch, self.num_replicas))
@@ -221,15 +217,14 @@ class Distribution:
                         float(np.count_nonzero(batch["targets"]))))
                     sharded = {key: placement.shard_batch(value)
                                for key, value in batch.items()}
-                    grads, stats = compiled_gradients(sharded, tokens)
-                    compiled_apply(grads)
+                stats = step(sharded, tokens)
                 return {key: sharding.to_numpy(value)
                         for key, value in stats.items()}
             return run
 
         @relaxed
         def single_step(batch, tokens):
-            grads, stats = gradients(batch, tokens)
+            stats, grads = stats_and_gradients(batch, tokens)
             apply(grads)
             return stats
 

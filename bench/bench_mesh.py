@@ -4,7 +4,9 @@
 experts/groups experts, k per level).
 
 Same model, same global batch; the single-device (no mesh) step is timed in
-the same run. Every mesh here uses one axis for both batch and experts (the
+the same run. "step" is `MeshTrainer.train_step` (the batch sharded from
+numpy, gradients, the optimizer update, the loss back to the host); "grad"
+is the compiled forward + backward alone, on inputs already in place. Every mesh here uses one axis for both batch and experts (the
 paper's layout: each device a data-parallel shard holding E/n experts), so
 the relayout of the buffers is an all-to-all. The logical devices share
 this machine's cores, so this measures what sharding costs, not a speed-up.
@@ -75,17 +77,26 @@ def _single_device(args, x, y):
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
 
+    x, y = tf.constant(x), tf.constant(y)
+
     @tf.function
-    def step():
+    def loss_and_gradients(x, y):
         with tf.GradientTape() as tape:
             loss = tf.reduce_mean(tf.square(model(x, training=True) - y))
             loss += tf.add_n(model.losses)
-        gradients = tape.gradient(loss, model.trainable_variables)
+        return loss, tape.gradient(loss, model.trainable_variables)
+
+    @tf.function
+    def step(x, y):
+        loss, gradients = loss_and_gradients(x, y)
         optimizer.apply(gradients, model.trainable_variables)
         return loss
 
-    seconds = _time(lambda: float(step()), args.warmup, args.steps)
+    seconds = _time(lambda: float(step(x, y)), args.warmup, args.steps)
+    gradient_seconds = _time(lambda: float(loss_and_gradients(x, y)[0]),
+                             args.warmup, args.steps)
     return dict(devices="1 (no mesh)", step_seconds=seconds,
+                gradient_seconds=gradient_seconds,
                 parameter_bytes=_device_bytes(model.weights),
                 optimizer_bytes=_device_bytes(optimizer.variables))
 
@@ -101,7 +112,13 @@ def _mesh(args, x, y, num_devices):
         optimizer = keras.optimizers.Adam(1e-3)
     trainer = sharding.MeshTrainer(model, optimizer, "mse", placement)
     seconds = _time(lambda: trainer.train_step(x, y), args.warmup, args.steps)
+    with placement.scope():
+        x, y = placement.shard_batch(x), placement.shard_batch(y)
+        gradient_seconds = _time(
+            lambda: float(sharding.to_numpy(trainer._gradients(x, y)[0])),
+            args.warmup, args.steps)
     return dict(devices=str(num_devices), step_seconds=seconds,
+                gradient_seconds=gradient_seconds,
                 parameter_bytes=_device_bytes(model.weights),
                 optimizer_bytes=_device_bytes(optimizer.variables))
 
@@ -129,17 +146,23 @@ def main():
     for n in (int(d) for d in args.devices.split(",")):
         rows.append(_mesh(args, x, y, n))
     base = rows[0]["step_seconds"]
+    gradient_base = rows[0]["gradient_seconds"]
     layer = ("MoE" if args.layer == "moe" else
              f"HierarchicalMoE {args.groups} groups,")
     print(f"{layer} E={args.experts}, d={args.model_dim}, h={args.hidden}, "
           f"k={args.k}{' per level' if args.layer == 'hmoe' else ''}, "
           f"global batch {args.batch} tokens")
     print(f"{'devices':>12} {'step s':>8} {'x 1 dev':>8} "
+          f"{'grad s':>8} {'x 1 dev':>8} "
           f"{'param MB/dev':>13} {'Adam MB/dev':>12}")
     for row in rows:
         row["ratio_to_single_device"] = row["step_seconds"] / base
+        row["gradient_ratio_to_single_device"] = (row["gradient_seconds"]
+                                                  / gradient_base)
         print(f"{row['devices']:>12} {row['step_seconds']:8.3f} "
               f"{row['ratio_to_single_device']:8.2f} "
+              f"{row['gradient_seconds']:8.3f} "
+              f"{row['gradient_ratio_to_single_device']:8.2f} "
               f"{row['parameter_bytes'] / 2**20:13.2f} "
               f"{row['optimizer_bytes'] / 2**20:12.2f}")
     if args.output:

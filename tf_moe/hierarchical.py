@@ -92,6 +92,9 @@ class HierarchicalMoE(MixtureOfExperts):
     `k_secondary` dropped assignments.
     """
 
+    # Over 200 lines with its docstring (a quarter of it); the secondary
+    # routing (`_route_secondary` and its helpers) is one path for every
+    # strategy.
     _default_name = "hierarchical_moe"
 
     def __init__(self, num_groups, experts_per_group, hidden_size,
@@ -167,56 +170,28 @@ class HierarchicalMoE(MixtureOfExperts):
         gate = self.secondary_gate
         plan, shards = self._group_plan(tokens, token_mask, primary,
                                         training)
-        num_shards, tokens_per_shard, primary_slots = (
-            plan.slot_buffer_row.shape.as_list())
-        main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
-        dtype = gate.compute_dtype
-        main_logits, overflow_logits = buffer_matmul(
-            tf.cast(main, dtype),
-            None if overflow is None else tf.cast(overflow, dtype),
-            gate.kernel, plan.overflow_experts,
-            compiled=self.strategy.compiles_experts)
-
-        # Rows of every shard: main [groups * C1], then (one shard) overflow.
-        width = main_logits.shape[-1]
-        logits = tf.reshape(main_logits, [num_shards, -1, width])
-        row_groups = tf.repeat(tf.range(self.num_groups), plan.capacity)
-        if overflow is not None:
-            logits = tf.concat(
-                [logits, tf.reshape(overflow_logits, [1, -1, width])], axis=1)
-            row_groups = tf.concat([row_groups, tf.repeat(
-                plan.overflow_experts, plan.overflow_capacity)], axis=0)
+        logits, row_groups = self._group_logits(shards(tokens), plan)
+        num_shards = logits.shape[0]
         num_rows = logits.shape[1] or tf.shape(logits)[1]
-        row_valid = plan.buffer_slot < tf.size(plan.slot_buffer_row[0])
+        row_valid = tf.reshape(
+            plan.buffer_slot < tf.size(plan.slot_buffer_row[0]), [-1])
+        row_groups = tf.tile(row_groups, [num_shards])
         noise = None
         if gate.uses_noise(training):
-            # Drawn per (token, primary slot), moving with the slot into its
-            # group's rows: the routing does not depend on how the rows are
-            # laid out (one device or a mesh).
-            noise = gate.draw_noise(
-                [tf.shape(tokens)[0], primary_slots * self.experts_per_group],
-                dtype)
-            noise = tf.reshape(shards(noise), [num_shards, -1,
-                                               self.experts_per_group])
-            noise = tf.reshape(dispatch_lib.gather_padded(
-                noise, plan.buffer_slot, batch_dims=1),
-                [-1, self.experts_per_group])
+            noise = self._group_noise(tokens, plan, shards)
         # Batchwise gating balances each (shard, group) segment on its own,
         # as each replica's groups under tf.distribute.
         routing = gate.route(
-            tf.reshape(logits, [-1, width]), tf.reshape(row_valid, [-1]),
-            training=training, noise=noise,
-            row_groups=tf.tile(row_groups, [num_shards]),
+            tf.reshape(logits, [-1, logits.shape[-1]]), row_valid,
+            training=training, noise=noise, row_groups=row_groups,
             num_segments=num_shards * self.num_groups)
 
-        row_groups = tf.tile(row_groups, [num_shards])
         group_load = None
         if routing.selection_probability is not None:
             group_load = tf.math.unsorted_segment_sum(
                 routing.selection_probability, row_groups, self.num_groups)
         group_tokens = tf.math.unsorted_segment_sum(
-            tf.cast(tf.reshape(row_valid, [-1]), tf.float32), row_groups,
-            self.num_groups)
+            tf.cast(row_valid, tf.float32), row_groups, self.num_groups)
 
         def to_slots(x):  # [shards * rows, m] -> [T, k1, m]
             x = tf.reshape(x, [num_shards, num_rows, -1])
@@ -234,6 +209,50 @@ class HierarchicalMoE(MixtureOfExperts):
             num_dropped=(plan.num_dropped * self.k_secondary
                          + routing.num_dropped))
 
+    def _group_logits(self, shard_tokens, plan):
+        """The secondary gates' logits of every group row.
+
+        Returns:
+            `(logits [shards, rows, width], row_groups [rows])`: per shard
+            the main rows `[groups * C1]`, then (one shard) the overflow
+            rows, and the group of each.
+        """
+        gate = self.secondary_gate
+        dtype = gate.compute_dtype
+        main, overflow = dispatch_lib.dispatch(shard_tokens, plan)
+        main_logits, overflow_logits = buffer_matmul(
+            tf.cast(main, dtype),
+            None if overflow is None else tf.cast(overflow, dtype),
+            gate.kernel, plan.overflow_experts,
+            compiled=self.strategy.compiles_experts)
+        width = main_logits.shape[-1]
+        logits = tf.reshape(main_logits, [main.shape[0], -1, width])
+        row_groups = tf.repeat(tf.range(self.num_groups), plan.capacity)
+        if overflow is not None:
+            logits = tf.concat(
+                [logits, tf.reshape(overflow_logits, [1, -1, width])], axis=1)
+            row_groups = tf.concat([row_groups, tf.repeat(
+                plan.overflow_experts, plan.overflow_capacity)], axis=0)
+        return logits, row_groups
+
+    def _group_noise(self, tokens, plan, shards):
+        """`[shards * rows, experts_per_group]` noise of the group rows.
+
+        Drawn per (token, primary slot) and moved with the slot into its
+        group's rows, so the routing does not depend on how the rows are
+        laid out (one device or a mesh).
+        """
+        gate = self.secondary_gate
+        num_shards, _, primary_slots = plan.slot_buffer_row.shape.as_list()
+        noise = gate.draw_noise(
+            [tf.shape(tokens)[0], primary_slots * self.experts_per_group],
+            gate.compute_dtype)
+        noise = tf.reshape(shards(noise),
+                           [num_shards, -1, self.experts_per_group])
+        return tf.reshape(dispatch_lib.gather_padded(
+            noise, plan.buffer_slot, batch_dims=1),
+            [-1, self.experts_per_group])
+
     def _group_plan(self, tokens, token_mask, primary, training):
         """The plan of the primary slots into the group buffers; in
         batchwise training every group takes exactly m1 tokens of each
@@ -241,9 +260,10 @@ class HierarchicalMoE(MixtureOfExperts):
         balances on its own)."""
         num_valid = (tf.shape(tokens)[0] if token_mask is None else
                      tf.reduce_sum(tf.cast(token_mask, tf.int32)))
-        return self.dispatch_plan(
-            primary.expert_ids, token_mask, primary.slot_mask,
-            self.num_groups, self.k_primary,
+        return self.strategy.plan(
+            primary.expert_ids, self.num_groups, self.k_primary,
+            self.capacity_factor, token_mask=token_mask,
+            slot_mask=primary.slot_mask,
             exact_capacity=self.primary_gate.rows_per_expert(num_valid,
                                                              training))
 

@@ -11,9 +11,9 @@ The data flow of one call (the README's ARCHITECTURE section):
       -> balancing losses (`tf_moe.balance`), summed over replicas by the
          strategy, through add_loss; routing metrics.
 
-A subclass builds its gates (`_build_gates`) and decides the routing
-(`_route`); this base checks the shared arguments, runs the rest, and keeps
-the metrics.
+A subclass makes its gates and decides the routing (`_route`); this base
+checks the shared arguments, runs the rest, and keeps the metrics
+(`tf_moe.metrics`).
 """
 
 import keras
@@ -23,8 +23,8 @@ from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
 from tf_moe import distribution
 from tf_moe import gating as gating_lib
-from tf_moe import plan as plan_lib
 from tf_moe.experts import Experts
+from tf_moe.metrics import RoutingMetrics
 
 GATINGS = tuple(gating_lib.GATES)
 
@@ -40,14 +40,39 @@ def check_non_negative(name, value):
         raise ValueError(f"`{name}` must be a number >= 0, got {value!r}.")
 
 
-class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
+def _check_arguments(hidden_size, output_size, gating, importance_weight,
+                     load_weight, capacity_factor, expert_dropout,
+                     noise_epsilon):
+    """Refuses bad values of the arguments every MoE layer shares."""
+    check_positive_int("hidden_size", hidden_size)
+    if output_size is not None:
+        check_positive_int("output_size", output_size)
+    if gating not in GATINGS:
+        raise ValueError(
+            f"`gating` must be one of {GATINGS}, got {gating!r}.")
+    check_non_negative("importance_weight", importance_weight)
+    check_non_negative("load_weight", load_weight)
+    if capacity_factor is not None and (
+            not isinstance(capacity_factor, (int, float))
+            or capacity_factor <= 0):
+        raise ValueError("`capacity_factor` must be None (dropless) or a "
+                         f"number > 0, got {capacity_factor!r}.")
+    if (not isinstance(expert_dropout, (int, float))
+            or not 0 <= expert_dropout < 1):
+        raise ValueError(
+            f"`expert_dropout` must be in [0, 1), got {expert_dropout!r}.")
+    check_non_negative("noise_epsilon", noise_epsilon)
+
+
+class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
+                       keras.layers.Layer):
     """Base of `MoE` and `HierarchicalMoE` (see their docstrings, which
     document these arguments).
 
     Subclasses set `num_experts` (all experts) and `experts_per_token` (k
-    of the whole layer, for the capacity) before `build`, build their gates
-    in `_build_gates(model_dim)`, list them in `_gates()` and implement
-    `_route`.
+    of the whole layer, for the capacity), make their gates with
+    `_make_gate` in `__init__`, list them in `_gates()` (this base builds
+    them) and implement `_route`.
     """
 
     _default_name = "moe"
@@ -66,24 +91,9 @@ class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
             uid = keras.backend.get_uid(f"tf_moe.{base}")
             kwargs["name"] = base if uid == 1 else f"{base}_{uid - 1}"
         super().__init__(**kwargs)
-        check_positive_int("hidden_size", hidden_size)
-        if output_size is not None:
-            check_positive_int("output_size", output_size)
-        if gating not in GATINGS:
-            raise ValueError(
-                f"`gating` must be one of {GATINGS}, got {gating!r}.")
-        check_non_negative("importance_weight", importance_weight)
-        check_non_negative("load_weight", load_weight)
-        if capacity_factor is not None and (
-                not isinstance(capacity_factor, (int, float))
-                or capacity_factor <= 0):
-            raise ValueError("`capacity_factor` must be None (dropless) or a "
-                             f"number > 0, got {capacity_factor!r}.")
-        if (not isinstance(expert_dropout, (int, float))
-                or not 0 <= expert_dropout < 1):
-            raise ValueError(
-                f"`expert_dropout` must be in [0, 1), got {expert_dropout!r}.")
-        check_non_negative("noise_epsilon", noise_epsilon)
+        _check_arguments(hidden_size, output_size, gating, importance_weight,
+                         load_weight, capacity_factor, expert_dropout,
+                         noise_epsilon)
 
         self.hidden_size = hidden_size
         self.output_size = output_size
@@ -103,17 +113,7 @@ class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
         self.seed = seed
         self.supports_masking = True
 
-        # The paper's Table 6 measures: CV(Importance), CV(Load) and
-        # max(Load)/mean(Load), with Load the tokens each expert received
-        # (what the smooth Load estimates). Means over the calls since the
-        # last reset_state.
-        metrics = (["importance_loss", "load_loss", "importance_cv",
-                    "load_cv", "load_max_over_mean", "dropped_fraction"]
-                   + list(gating_lib.GATES[gating].loss_names))
-        self._metric_trackers = {
-            metric: keras.metrics.Mean(name=f"{self.name}_{metric}")
-            for metric in metrics
-        }
+        self._make_metric_trackers(gating_lib.GATES[gating].loss_names)
 
     def _make_gate(self, num_experts, k, seed_offset=0, **kwargs):
         """A gate of the layer's gating, float32 under mixed precision."""
@@ -188,43 +188,12 @@ class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
         return tf.reshape(outputs, output_shape)
 
-    def dispatch_plan(self, expert_ids, token_mask, slot_mask, num_experts,
-                      experts_per_token, exact_capacity=None):
-        """The plan of `[T, k]` routing slots into `num_experts` buffers,
-        one per token shard, at the layer's capacity.
-
-        `exact_capacity` (optional scalar int32): the rows every expert
-        receives when a balanced gate fixes it; the strategy fits the
-        capacity to it where shapes may vary.
-
-        Returns:
-            `(plan, shards)`: the `DispatchPlan` (with a shard dimension)
-            and `shards(x)`, the strategy's `[T, ...] -> [shards, T /
-            shards, ...]`.
-        """
-        shards = self.strategy.shard_tokens
-        expert_ids = shards(expert_ids)
-        capacity = None
-        capacity_factor = self.strategy.capacity_factor(self.capacity_factor)
-        if capacity_factor is not None:
-            tokens_per_shard = expert_ids.shape[1]
-            if tokens_per_shard is None:
-                tokens_per_shard = tf.shape(expert_ids)[1]
-            capacity = plan_lib.fixed_capacity(
-                tokens_per_shard, num_experts, experts_per_token,
-                capacity_factor)
-        if exact_capacity is not None:
-            capacity = self.strategy.fit_capacity(capacity, exact_capacity)
-        plan = plan_lib.make_dispatch_plan(
-            expert_ids, num_experts, capacity=capacity,
-            token_mask=shards(token_mask), slot_mask=shards(slot_mask))
-        return plan, shards
-
     def _run_experts(self, tokens, token_mask, gate_output, training):
         """Dispatch, experts and combine: `([T, d_out], DispatchPlan)`."""
-        plan, shards = self.dispatch_plan(
-            gate_output.expert_ids, token_mask, gate_output.slot_mask,
-            self.num_experts, self.experts_per_token)
+        plan, shards = self.strategy.plan(
+            gate_output.expert_ids, self.num_experts, self.experts_per_token,
+            self.capacity_factor, token_mask=token_mask,
+            slot_mask=gate_output.slot_mask)
         main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
         main = self.strategy.to_experts(main)
         if overflow is None:
@@ -263,29 +232,9 @@ class MixtureOfExperts(distribution.PerReplicaLosses, keras.layers.Layer):
         counts = counts_and_drops[:self.num_experts]
         num_dropped, dropped_before = tf.unstack(
             counts_and_drops[self.num_experts:])
-        values = balance.routing_statistics(
-            importance, counts, num_dropped + dropped_before,
-            tf.reduce_sum(counts) + dropped_before)
-        values.update(losses)
-        for metric, value in values.items():
-            self._metric_trackers[metric].update_state(value)
-        self.expert_token_counts.assign(tf.cast(counts, tf.int32))
-
-    def routing_metrics(self, reset=False):
-        """The routing metrics averaged over the calls since the last reset.
-
-        Returns a dict of float scalars: `importance_loss`, `load_loss`
-        (`threshold_loss` with batchwise gating), `importance_cv`,
-        `load_cv` and `load_max_over_mean` (Load counted in tokens routed to
-        each expert) and `dropped_fraction`. With `reset=True` the averages
-        start again afterwards, e.g. between training and evaluation.
-        """
-        values = {name: float(distribution.to_numpy(tracker.result()))
-                  for name, tracker in self._metric_trackers.items()}
-        if reset:
-            for tracker in self._metric_trackers.values():
-                tracker.reset_state()
-        return values
+        self._record_routing(importance, counts,
+                             num_dropped + dropped_before,
+                             tf.reduce_sum(counts) + dropped_before, losses)
 
     def compute_output_shape(self, input_shape):
         output_size = self.output_size or input_shape[-1]

@@ -20,6 +20,8 @@ import contextlib
 import keras
 import tensorflow as tf
 
+from tf_moe import plan as plan_lib
+
 
 class OneDevice:
     """The layer's program on one device: the reference the others match."""
@@ -45,6 +47,45 @@ class OneDevice:
         """The capacity factor the layer dispatches with, given its own
         (None: dropless)."""
         return capacity_factor
+
+    def plan(self, expert_ids, num_experts, experts_per_token,
+             capacity_factor, token_mask=None, slot_mask=None,
+             exact_capacity=None):
+        """The plan of a batch's routing slots into `num_experts` buffers,
+        one set per token shard.
+
+        Args:
+            expert_ids: `[T, k]` int32.
+            num_experts: E of the buffers.
+            experts_per_token: k of the layer, for the capacity.
+            capacity_factor: the layer's (None: dropless where allowed).
+            token_mask: optional `[T]` bool.
+            slot_mask: optional `[T, k]` bool.
+            exact_capacity: optional scalar int32, the rows every expert
+                receives when a balanced gate fixes it.
+
+        Returns:
+            `(plan, shards)`: the `DispatchPlan` (with a shard dimension)
+            and `shards`, this strategy's `shard_tokens`, for the tensors
+            that go with the plan.
+        """
+        expert_ids = self.shard_tokens(expert_ids)
+        capacity = None
+        capacity_factor = self.capacity_factor(capacity_factor)
+        if capacity_factor is not None:
+            tokens_per_shard = expert_ids.shape[1]
+            if tokens_per_shard is None:
+                tokens_per_shard = tf.shape(expert_ids)[1]
+            capacity = plan_lib.fixed_capacity(
+                tokens_per_shard, num_experts, experts_per_token,
+                capacity_factor)
+        if exact_capacity is not None:
+            capacity = self.fit_capacity(capacity, exact_capacity)
+        plan = plan_lib.make_dispatch_plan(
+            expert_ids, num_experts, capacity=capacity,
+            token_mask=self.shard_tokens(token_mask),
+            slot_mask=self.shard_tokens(slot_mask))
+        return plan, self.shard_tokens
 
     def fit_capacity(self, capacity, exact_capacity):
         """The capacity of a plan whose experts each receive exactly

@@ -8,12 +8,14 @@ hierarchical layer for its group gates.
 
 The main group's products run as XLA-compiled functions where the
 strategy allows (one device, tf.distribute replicas, a one-device mesh).
-TensorFlow's own CPU kernel runs the E products one after another with a
-fixed cost each; XLA's is faster at every size measured on 2 cores
-(forward + both gradients): E=64, C=530, d=512, h=1024: 0.99 s against
-1.21 s; E=1024, C=40: 1.94 s against 2.67 s; E=65536, C=7, d=32, h=256:
-0.88 s against 1.64 s. XLA compiles once per shape: E is fixed and the
-dispatch plan picks C from a few sizes per octave
+On a CPU with TensorFlow's oneDNN kernels off, XLA was faster at every size
+measured on 2 cores (forward + both gradients): E=64, C=530, d=512,
+h=1024: 0.99 s against 1.21 s; E=1024, C=40: 1.94 s against 2.67 s;
+E=65536, C=7, d=32, h=256: 0.88 s against 1.64 s. On a CPU with oneDNN on,
+TensorFlow's own kernels beat XLA by about 30% (`bench/bench_matmul.py`,
+README), so which is faster depends on the machine: a choice the speed
+work is to make by measurement. XLA compiles once per shape: E is fixed
+and the dispatch plan picks C from a few sizes per octave
 (`plan.bucket_capacity`), so the compiled kernels are reused. The overflow
 group's shapes change with every batch, so it stays on TensorFlow's
 kernels.

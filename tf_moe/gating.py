@@ -22,6 +22,7 @@ weights are never autocast, even when a hierarchical layer reads them from
 its own (bfloat16) call.
 """
 
+import abc
 import math
 from typing import Any, NamedTuple, Optional
 
@@ -101,7 +102,7 @@ def top_k_with_gather_gradient(logits, k):
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")
-class Gate(keras.layers.Layer):
+class Gate(keras.layers.Layer, metaclass=abc.ABCMeta):
     """The interface of every gate.
 
     Subclasses make their weights in `build_weights(model_dim)`, give the
@@ -157,21 +158,20 @@ class Gate(keras.layers.Layer):
         self.strategy = distribution.strategy_at_build()
         self.build_weights(input_shape[-1])
 
+    @abc.abstractmethod
     def build_weights(self, model_dim):
         """Makes the gate's weights for inputs of width `model_dim`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement build_weights.")
 
     def weight_shape(self, *shape):
         """`shape`, with the groups first for a grouped gate."""
         return shape if self.num_groups is None else (self.num_groups,) + shape
 
     @property
+    @abc.abstractmethod
     def kernel(self):
         """`[(groups,) d, logit_width]`: tokens -> the logits of `route`."""
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement kernel.")
 
+    @abc.abstractmethod
     def route(self, logits, row_valid, training=None, noise=None,
               row_groups=None, num_segments=1):
         """Routing of rows of logits.
@@ -193,8 +193,6 @@ class Gate(keras.layers.Layer):
         Returns:
             A `Routing`.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement route.")
 
     def rows_per_expert(self, num_valid_rows, training):
         """The rows every expert receives, when the gate fixes it (a

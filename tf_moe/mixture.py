@@ -16,6 +16,8 @@ checks the shared arguments, runs the rest, and keeps the metrics
 (`tf_moe.metrics`).
 """
 
+import abc
+
 import keras
 import tensorflow as tf
 
@@ -65,7 +67,7 @@ def _check_arguments(hidden_size, output_size, gating, importance_weight,
 
 
 class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
-                       keras.layers.Layer):
+                       keras.layers.Layer, metaclass=abc.ABCMeta):
     """Base of `MoE` and `HierarchicalMoE` (see their docstrings, which
     document these arguments).
 
@@ -151,12 +153,12 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             name="expert_token_counts", shape=(self.num_experts,),
             dtype="int32", initializer="zeros", trainable=False)
 
+    @abc.abstractmethod
     def _gates(self):
         """The layer's gates (the first decides how statistics sum over
         replicas)."""
-        raise NotImplementedError(f"{type(self).__name__} must list its "
-                                  "gates in _gates.")
 
+    @abc.abstractmethod
     def _route(self, tokens, token_mask, training):
         """Decides the routing of a batch.
 
@@ -166,8 +168,6 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             assignments lost before the expert dispatch (a hierarchical
             layer's group capacity), which `dropped_fraction` counts too.
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} must implement _route.")
 
     def call(self, inputs, training=None, mask=None):
         if not inputs.dtype.is_floating:

@@ -198,7 +198,7 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         main = self.strategy.to_experts(main)
         if overflow is None:
             main_out, overflow_out = self.experts(main, training=training), None
-        else:
+        else:  # Dropless, one shard: the experts also take the overflow.
             main_out, overflow_out = self.experts(
                 main, overflow, plan.overflow_experts, training=training)
         main_out = self.strategy.from_experts(main_out)

@@ -259,17 +259,15 @@ def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
     position = tf.gather(
         tf.range(num_slots) - tf.gather(starts, sorted_experts, batch_dims=1),
         _invert_permutations(order), batch_dims=1)
-    in_main = position < capacity
     slot_row = slot_experts * capacity + position
-    slot_kept = (slot_experts < num_experts) & in_main
     if dropless:
         real_expert = tf.minimum(slot_experts, num_experts - 1)
         overflow_row = (num_main_rows
                         + tf.gather(overflow_rank, real_expert)
                         * overflow_capacity + position - capacity)
-        slot_row = tf.where(in_main, slot_row, overflow_row)
-        slot_kept = (slot_experts < num_experts) & (
-            position < capacity + overflow_capacity)
+        slot_row = tf.where(position < capacity, slot_row, overflow_row)
+    slot_kept = (slot_experts < num_experts) & (
+        position < capacity + overflow_capacity)
     slot_row = tf.where(slot_kept, slot_row, num_rows)
     slot_buffer_row = tf.transpose(
         tf.reshape(slot_row, [num_shards, k, num_tokens]), [0, 2, 1])

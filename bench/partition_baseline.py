@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 
 from tf_moe import balance
-from tf_moe.gating import NoisyTopKGate
+from tf_moe.top_k_gating import NoisyTopKGate
 
 
 class PartitionedMoE(keras.layers.Layer):

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tf_moe
-from tf_moe import gating
+from tf_moe import balanced_gating
 
 
 def test_batchwise_mask_by_hand():
@@ -17,7 +17,7 @@ def test_batchwise_mask_by_hand():
                               [0.1, 0.6, 0.3],
                               [0.5, 0.1, 0.4],
                               [0.2, 0.3, 0.5]], np.float32))
-    mask = gating.batchwise_mask(values[None], tf.ones((1, 4), tf.bool), 1)
+    mask = balanced_gating.batchwise_mask(values[None], tf.ones((1, 4), tf.bool), 1)
     expected = np.array([[1, 0, 0],
                          [0, 1, 0],
                          [1, 0, 1],
@@ -29,7 +29,7 @@ def test_batchwise_mask_skips_invalid_rows_and_counts_segments_apart():
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3, 10, 4)).astype(np.float32)
     valid = rng.random((3, 10)) < 0.6
-    mask = gating.batchwise_mask(values, tf.constant(valid), 2).numpy()
+    mask = balanced_gating.batchwise_mask(values, tf.constant(valid), 2).numpy()
     assert not mask[~valid].any()
     for segment in range(3):
         m = int(np.ceil(2 * valid[segment].sum() / 4))
@@ -47,7 +47,7 @@ def test_ties_are_broken_at_random():
     """A zero gate ties everything: the first rows must not take it all."""
     values = tf.zeros((1, 64, 8))
     seed = keras.random.SeedGenerator(0)
-    mask = gating.batchwise_mask(values, tf.ones((1, 64), tf.bool), 2,
+    mask = balanced_gating.batchwise_mask(values, tf.ones((1, 64), tf.bool), 2,
                                  shuffle_seed=seed).numpy()[0]
     assert (mask.sum(axis=1) > 0).mean() > 0.7
     assert mask.sum(axis=1).max() < 8
@@ -60,7 +60,7 @@ def test_slots_from_mask_renormalises_over_kept_experts():
     mask = tf.constant([[True, False, True],
                         [False, False, False],
                         [True, True, True]])
-    ids, weights, slot_mask, dropped = gating.slots_from_mask(probabilities,
+    ids, weights, slot_mask, dropped = balanced_gating.slots_from_mask(probabilities,
                                                               mask)
     assert ids.shape == (3, 3)
     assert int(dropped) == 0
@@ -80,7 +80,7 @@ def test_slots_from_mask_renormalises_over_kept_experts():
     assert np.all(weights.numpy()[~slot_mask.numpy()] == 0)
     # At most 2 slots (a mesh's static shape): the last row keeps its best
     # two (0.4 and the first 0.3) and drops one.
-    ids, weights, slot_mask, dropped = gating.slots_from_mask(
+    ids, weights, slot_mask, dropped = balanced_gating.slots_from_mask(
         probabilities, mask, max_slots=2)
     assert ids.shape == (3, 2) and int(dropped) == 1
     np.testing.assert_allclose(dense(ids, weights, slot_mask),
@@ -97,7 +97,7 @@ def test_threshold_loss_by_hand():
     batch_mask = tf.constant([[True, True, False], [False, True, True]])
     lp, t = log_p.numpy(), thresholds.numpy()
     expected = (-(lp[0, 1] - t[1])) / 2  # (0 - 1) * (X - T), mean over rows
-    loss = gating.threshold_loss(log_p, thresholds, threshold_mask,
+    loss = balanced_gating.threshold_loss(log_p, thresholds, threshold_mask,
                                  batch_mask, tf.ones(2))
     assert loss.numpy() == pytest.approx(expected, rel=1e-6)
     assert expected > 0

@@ -144,3 +144,45 @@ def routing_statistics(importance_values, expert_counts, num_dropped,
             tf.reduce_max(expert_counts), tf.reduce_mean(expert_counts)),
         "dropped_fraction": tf.math.divide_no_nan(num_dropped, num_routed),
     }
+
+
+def switch_loss(statistics):
+    """Switch Transformer's balancing term, unweighted (Fedus et al. 2021).
+
+    `E * sum_i f_i * P_i` per group of rows, f_i the fraction of the
+    group's routed assignments that went to expert i and P_i the mean
+    router probability of expert i over its valid rows; the mean over the
+    groups that had rows. 1 when routing is uniform; only P carries a
+    gradient.
+
+    Args:
+        statistics: a `RouterStatistics` with `probability_sum`.
+
+    Returns:
+        Scalar; 0 for an empty or fully masked batch.
+    """
+    assignments = statistics.assignments
+    num_experts = assignments.shape[-1]
+    fraction = tf.math.divide_no_nan(
+        assignments, tf.reduce_sum(assignments, axis=-1, keepdims=True))
+    mean_probability = tf.math.divide_no_nan(
+        statistics.probability_sum, statistics.rows[:, None])
+    per_group = num_experts * tf.reduce_sum(fraction * mean_probability,
+                                            axis=-1)
+    has_rows = tf.cast(statistics.rows > 0, per_group.dtype)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_group * has_rows),
+                                 tf.reduce_sum(has_rows))
+
+
+def router_z_loss(statistics):
+    """ST-MoE's router z-loss, unweighted (Zoph et al. 2022): the mean over
+    valid rows of `logsumexp(router logits)^2`.
+
+    Args:
+        statistics: a `RouterStatistics` with `z_sum`.
+
+    Returns:
+        Scalar; 0 for an empty or fully masked batch.
+    """
+    return tf.math.divide_no_nan(tf.reduce_sum(statistics.z_sum),
+                                 tf.reduce_sum(statistics.rows))

@@ -1,10 +1,14 @@
 """The experts: E feed-forward networks held as batched weights."""
 
+import contextlib
+
 import keras
 import tensorflow as tf
 
 from tf_moe import distribution
 from tf_moe.matmul import buffer_matmul
+
+EXPERT_TYPES = ("ffn", "glu")
 
 
 def per_expert_initializer(initializer, num_experts):
@@ -25,12 +29,20 @@ def per_expert_initializer(initializer, num_experts):
 
 @keras.saving.register_keras_serializable(package="tf_moe")
 class Experts(keras.layers.Layer):
-    """E two-layer feed-forward experts, run as batched matmuls over E.
+    """E feed-forward experts, run as batched matmuls over E.
 
-    `expert_e(x) = activation(x W_in[e] + b_in[e]) W_out[e] + b_out[e]`,
-    with `W_in: [E, d, h]`, `b_in: [E, h]`, `W_out: [E, h, d_out]`,
-    `b_out: [E, d_out]`. Built under a mesh placement, every weight is split
-    over the expert axis by its first dimension.
+    `expert_type="ffn"` (the paper's): `expert_e(x) = activation(x W_in[e]
+    + b_in[e]) W_out[e] + b_out[e]`, with `W_in: [E, d, h]`, `b_in: [E,
+    h]`, `W_out: [E, h, d_out]`, `b_out: [E, d_out]`.
+
+    `expert_type="glu"` (SwiGLU with the default silu; Shazeer 2020, as
+    Mixtral, Qwen-MoE and DeepSeek): `expert_e(x) = (activation(x
+    W_gate[e]) * (x W_up[e])) W_out[e]`, no biases. W_gate and W_up are
+    held side by side as `W_in: [E, d, 2h]` (one matmul for both).
+
+    Built under a mesh placement, every weight is split over the expert
+    axis by its first dimension (unless `sharded=False`, for the shared
+    experts every token goes through).
 
     Call arguments:
         main: `[E, C, d]`: row c of expert e is one token for expert e; or
@@ -47,8 +59,12 @@ class Experts(keras.layers.Layer):
     def __init__(self, num_experts, hidden_size, output_size,
                  activation="relu", dropout=0.0,
                  kernel_initializer="glorot_uniform",
-                 bias_initializer="zeros", seed=None, **kwargs):
+                 bias_initializer="zeros", seed=None, expert_type="ffn",
+                 sharded=True, **kwargs):
         super().__init__(**kwargs)
+        if expert_type not in EXPERT_TYPES:
+            raise ValueError(f"`expert_type` must be one of {EXPERT_TYPES}, "
+                             f"got {expert_type!r}.")
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.output_size = output_size
@@ -57,6 +73,9 @@ class Experts(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.seed = seed
+        self.expert_type = expert_type
+        self.sharded = bool(sharded)
+        self.use_bias = expert_type == "ffn"
         self.dropout = keras.layers.Dropout(dropout, seed=seed)
 
     def build(self, input_shape):
@@ -64,21 +83,35 @@ class Experts(keras.layers.Layer):
         self.strategy = distribution.strategy_at_build()
         kernel_initializer = per_expert_initializer(
             self.kernel_initializer, self.num_experts)
-        with self.strategy.expert_variables():
+        # A glu expert's W_gate and W_up, side by side.
+        in_width = self.hidden_size * (2 if self.expert_type == "glu" else 1)
+        scope = (self.strategy.expert_variables() if self.sharded
+                 else contextlib.nullcontext())
+        with scope:
             self.kernel_in = self.add_weight(
                 name="kernel_in",
-                shape=(self.num_experts, model_dim, self.hidden_size),
+                shape=(self.num_experts, model_dim, in_width),
                 initializer=kernel_initializer)
-            self.bias_in = self.add_weight(
-                name="bias_in", shape=(self.num_experts, self.hidden_size),
-                initializer=self.bias_initializer)
             self.kernel_out = self.add_weight(
                 name="kernel_out",
                 shape=(self.num_experts, self.hidden_size, self.output_size),
                 initializer=kernel_initializer)
-            self.bias_out = self.add_weight(
-                name="bias_out", shape=(self.num_experts, self.output_size),
-                initializer=self.bias_initializer)
+            self.bias_in = self.bias_out = None
+            if self.use_bias:
+                self.bias_in = self.add_weight(
+                    name="bias_in", shape=(self.num_experts, self.hidden_size),
+                    initializer=self.bias_initializer)
+                self.bias_out = self.add_weight(
+                    name="bias_out", shape=(self.num_experts, self.output_size),
+                    initializer=self.bias_initializer)
+
+    def hidden_activation(self, pre_activation):
+        """`[..., h]` hidden units from the first matmul's `[..., h]` (ffn)
+        or `[..., 2h]` (glu: gate then up)."""
+        if self.expert_type == "glu":
+            gate, up = tf.split(pre_activation, 2, axis=-1)
+            return self.activation(gate) * up
+        return self.activation(pre_activation)
 
     def call(self, main, overflow=None, overflow_experts=None,
              training=None):
@@ -90,13 +123,15 @@ class Experts(keras.layers.Layer):
             main_out, overflow_out = buffer_matmul(
                 *inputs, tf.convert_to_tensor(kernel), overflow_experts,
                 compiled=self.strategy.compiles_experts)
+            if bias is None:
+                return main_out, overflow_out
             main_out += bias[None, :, None, :]
             if overflow_out is not None:
                 overflow_out += tf.gather(bias, overflow_experts)[:, None, :]
             return main_out, overflow_out
 
         def activate(inputs):
-            hidden = [None if h is None else self.activation(h)
+            hidden = [None if h is None else self.hidden_activation(h)
                       for h in inputs]
             if self.dropout_rate > 0:
                 hidden = [None if h is None
@@ -128,5 +163,7 @@ class Experts(keras.layers.Layer):
             bias_initializer=keras.initializers.serialize(
                 self.bias_initializer),
             seed=self.seed,
+            expert_type=self.expert_type,
+            sharded=self.sharded,
         )
         return config

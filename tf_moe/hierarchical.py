@@ -7,9 +7,11 @@ import tensorflow as tf
 
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
-from tf_moe.gating import GateOutput
+from tf_moe.gating import GateOutput, RouterStatistics
 from tf_moe.matmul import buffer_matmul
-from tf_moe.mixture import MixtureOfExperts, check_positive_int
+from tf_moe import routers
+from tf_moe.arguments import check_positive_int
+from tf_moe.mixture import MixtureOfExperts
 
 
 class SecondarySlots(NamedTuple):
@@ -27,6 +29,7 @@ class SecondarySlots(NamedTuple):
             None.
         group_tokens: `[groups]` float tokens each group received.
         threshold_loss: the batchwise secondary gate's loss, or None.
+        statistics: the secondary gates' `RouterStatistics` (per group).
         num_dropped: scalar int32, (token, expert) assignments lost: a
             primary slot a full group dropped counts `k_secondary`, and
             the secondary gate's own drops count too.
@@ -38,6 +41,7 @@ class SecondarySlots(NamedTuple):
     group_load: Optional[tf.Tensor]
     group_tokens: tf.Tensor
     threshold_loss: Optional[tf.Tensor]
+    statistics: RouterStatistics
     num_dropped: tf.Tensor
 
 
@@ -109,6 +113,12 @@ class HierarchicalMoE(MixtureOfExperts):
         if k_secondary > experts_per_group:
             raise ValueError(f"`k_secondary` must be <= experts_per_group "
                              f"({experts_per_group}), got {k_secondary}.")
+        gating = kwargs.get("gating", "noisy_top_k")
+        if gating in routers.FLAT_ONLY:
+            raise ValueError(
+                f"`gating={gating!r}` routes a flat layer only (tf_moe.MoE); "
+                "HierarchicalMoE takes 'noisy_top_k', 'top_k' or "
+                "'batchwise'.")
         super().__init__(hidden_size, **kwargs)
         self.num_groups = num_groups
         self.experts_per_group = experts_per_group
@@ -155,9 +165,10 @@ class HierarchicalMoE(MixtureOfExperts):
         threshold_loss = None
         if primary.threshold_loss is not None:
             threshold_loss = primary.threshold_loss + slots.threshold_loss
-        gate_output = GateOutput(expert_ids, gate_weights, importance, load,
-                                 slot_mask=slot_mask,
-                                 threshold_loss=threshold_loss)
+        gate_output = GateOutput(
+            expert_ids, gate_weights, importance, load, slot_mask=slot_mask,
+            threshold_loss=threshold_loss,
+            statistics=primary.statistics + (slots.statistics,))
         # A token the primary gate had no slot for would have gone to
         # k_secondary experts of its group.
         return gate_output, (slots.num_dropped
@@ -206,6 +217,7 @@ class HierarchicalMoE(MixtureOfExperts):
             slot_mask=to_slots(routing.routed_slots) & slot_kept[:, :, None],
             group_load=group_load, group_tokens=group_tokens,
             threshold_loss=routing.threshold_loss,
+            statistics=routing.statistics,
             num_dropped=(plan.num_dropped * self.k_secondary
                          + routing.num_dropped))
 

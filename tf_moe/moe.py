@@ -2,7 +2,8 @@
 
 import keras
 
-from tf_moe.mixture import MixtureOfExperts, check_positive_int
+from tf_moe.arguments import check_positive_int
+from tf_moe.mixture import MixtureOfExperts
 
 
 @keras.saving.register_keras_serializable(package="tf_moe")

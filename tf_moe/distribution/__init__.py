@@ -13,6 +13,7 @@ The only code of tf_moe that knows about `dtensor` or `tf.distribute`:
     convert.py        values and models off the mesh
 """
 
+from tf_moe.distribution.convert import assign
 from tf_moe.distribution.convert import set_weights
 from tf_moe.distribution.convert import to_numpy
 from tf_moe.distribution.convert import to_single_device

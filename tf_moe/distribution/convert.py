@@ -29,11 +29,19 @@ def set_weights(model, weights):
         raise ValueError(f"`weights` has {len(weights)} arrays but the model "
                          f"has {len(variables)} variables.")
     for variable, value in zip(variables, weights):
-        layout = dtensor.fetch_layout(variable.value)
-        value = tf.convert_to_tensor(value, variable.dtype)
-        tensor = dtensor.copy_to_mesh(
-            value, dtensor.Layout.replicated(layout.mesh, layout.rank))
-        variable.assign(dtensor.relayout(tensor, layout))
+        assign(variable, value)
+
+
+def assign(variable, value):
+    """Assigns a full value to a variable, on a mesh in its own layout."""
+    value = tf.convert_to_tensor(value, variable.dtype)
+    if not dtensor.is_dtensor(tf.convert_to_tensor(variable.value)):
+        variable.assign(value)
+        return
+    layout = dtensor.fetch_layout(variable.value)
+    tensor = dtensor.copy_to_mesh(
+        value, dtensor.Layout.replicated(layout.mesh, layout.rank))
+    variable.assign(dtensor.relayout(tensor, layout))
 
 
 def to_single_device(model):

@@ -6,6 +6,7 @@ stacked `[shards, E, C, d]` buffers from batch-sharded to expert-sharded is
 the all-to-all that takes every token to the device of its expert.
 """
 
+import math
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
@@ -80,8 +81,10 @@ class Mesh(OneDevice):
         return dtensor.relayout(noise,
                                 self.placement.replicated(noise.shape.rank))
 
-    def batchwise_bounds(self, rows_per_segment, num_experts, k):
+    def batchwise_bounds(self, rows_per_segment, num_experts, k,
+                         capacity_factor=1.0):
         # A token keeps at most min(E, 2k) of the experts that chose it (its
         # most probable ones; the rest count as dropped).
-        max_per_expert = -(-k * rows_per_segment // num_experts)  # ceil
+        max_per_expert = min(rows_per_segment, math.ceil(
+            capacity_factor * k * rows_per_segment / num_experts))
         return max_per_expert, min(num_experts, 2 * k)

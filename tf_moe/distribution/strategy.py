@@ -125,10 +125,12 @@ class OneDevice:
         laid out."""
         return keras.random.normal(shape, dtype=dtype, seed=seed)
 
-    def batchwise_bounds(self, rows_per_segment, num_experts, k):
-        """Static bounds of the batchwise gate: `(max_per_expert,
-        max_slots)`, None where shapes may vary."""
-        del rows_per_segment, num_experts, k
+    def batchwise_bounds(self, rows_per_segment, num_experts, k,
+                         capacity_factor=1.0):
+        """Static bounds of the balanced gates (each expert takes
+        `ceil(capacity_factor * k * rows / E)` rows of a segment):
+        `(max_per_expert, max_slots)`, None where shapes may vary."""
+        del rows_per_segment, num_experts, k, capacity_factor
         return None, None
 
 

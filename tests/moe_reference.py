@@ -47,7 +47,8 @@ def dense_moe(layer, inputs, mask=None, capacity=None):
     dense_gates = _scatter_gates(gate.expert_ids.numpy(),
                                  gate.gate_weights * kept, layer.num_experts)
     outputs = tf.einsum("te,teo->to", dense_gates,
-                        _every_expert(layer.experts, tokens))
+                        every_expert(layer.experts, tokens))
+    outputs += shared_experts(layer, tokens, token_mask)
     return tf.reshape(outputs, list(inputs.shape[:-1]) + [outputs.shape[-1]])
 
 
@@ -60,12 +61,29 @@ def _scatter_gates(expert_ids, gate_weights, num_experts):
         tf.reshape(gate_weights, [-1]), [num_tokens, num_experts])
 
 
-def _every_expert(experts, tokens):
+def every_expert(experts, tokens):
     """`[tokens, E, d_out]`: every expert's output on every token."""
-    hidden = tf.einsum("td,edh->teh", tokens, experts.kernel_in) + experts.bias_in
-    hidden = experts.activation(hidden)
-    return (tf.einsum("teh,eho->teo", hidden, experts.kernel_out)
-            + experts.bias_out)
+    hidden = tf.einsum("td,edh->teh", tokens, experts.kernel_in)
+    if experts.bias_in is not None:
+        hidden += experts.bias_in
+    if experts.expert_type == "glu":
+        gate, up = tf.split(hidden, 2, axis=-1)
+        hidden = experts.activation(gate) * up
+    else:
+        hidden = experts.activation(hidden)
+    outputs = tf.einsum("teh,eho->teo", hidden, experts.kernel_out)
+    if experts.bias_out is not None:
+        outputs += experts.bias_out
+    return outputs
+
+
+def shared_experts(layer, tokens, token_mask):
+    """`[tokens, d_out]`: the layer's shared experts on every unmasked token
+    (zeros without shared experts)."""
+    if layer.shared_experts is None:
+        return 0.0
+    outputs = tf.reduce_sum(every_expert(layer.shared_experts, tokens), 1)
+    return outputs * np.asarray(token_mask, np.float32)[:, None]
 
 
 def dense_hierarchical_moe(layer, inputs, mask=None):
@@ -98,7 +116,8 @@ def dense_hierarchical_moe(layer, inputs, mask=None):
     gates = primary_dense[:, :, None] * secondary_dense  # [T, G, B]
     flat_gates = tf.reshape(gates, [num_tokens, groups * per_group])
     outputs = tf.einsum("te,teo->to", flat_gates,
-                        _every_expert(layer.experts, tokens))
+                        every_expert(layer.experts, tokens))
+    outputs += shared_experts(layer, tokens, token_mask)
     outputs = tf.reshape(outputs,
                          list(inputs.shape[:-1]) + [outputs.shape[-1]])
     importance_h = tf.reduce_sum(flat_gates, axis=0)

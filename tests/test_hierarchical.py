@@ -218,7 +218,7 @@ def test_batchwise_training_balances_groups_and_experts_exactly():
      "k_primary"),
     (dict(num_groups=2, experts_per_group=2, hidden_size=0), "hidden_size"),
     (dict(num_groups=2, experts_per_group=2, hidden_size=4,
-          gating="top_k"), "gating"),
+          gating="expert_choice"), "gating"),
     (dict(num_groups=2, experts_per_group=2, hidden_size=4,
           capacity_factor=0), "capacity_factor"),
 ])

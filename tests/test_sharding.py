@@ -25,6 +25,19 @@ NUM_EXPERTS = 8
 WIDTH = 6
 
 
+# The routers since 2017 on both layers ("moe_..." flat, "hmoe_..."
+# hierarchical): softmax top-k with Switch balancing and the z-loss, glu
+# and shared experts; bias balancing with router jitter.
+ROUTER_KINDS = {
+    "moe_top_k": dict(gating="top_k", expert_type="glu",
+                      num_shared_experts=1, router_z_loss_weight=0.01),
+    "moe_bias": dict(gating="top_k", balancing="bias", bias_update_rate=0.01,
+                     router_jitter=0.1),
+    "hmoe_top_k": dict(gating="top_k", expert_type="glu",
+                       num_shared_experts=1, router_z_loss_weight=0.01),
+}
+
+
 def _mixture(kind, **kwargs):
     """8 experts, or 4 groups of 4 for "hmoe". capacity_factor 4 = E /
     (experts per token) (and groups / k_primary = 2 for the groups): a
@@ -33,7 +46,8 @@ def _mixture(kind, **kwargs):
     top-1 softmax gives its gate no gradient, and Adam would scale float
     noise up to full steps.)"""
     kwargs.setdefault("capacity_factor", 4.0)
-    if kind == "moe":
+    kwargs = dict(ROUTER_KINDS.get(kind, {}), **kwargs)
+    if kind.startswith("moe"):
         return tf_moe.MoE(NUM_EXPERTS, 16, **dict(dict(k=2), **kwargs))
     return tf_moe.HierarchicalMoE(4, 4, 16, k_primary=2, k_secondary=2,
                                   **kwargs)
@@ -95,7 +109,9 @@ def _mesh_model(spec, **kwargs):
     ("moe", "batch:1,expert:8"), ("moe", "batch:2,expert:4"),
     ("moe", "batch:4,expert:2"), ("moe", "batch:8,expert:1"),
     ("moe", "devices:8"), ("hmoe", "batch:2,expert:4"),
-    ("hmoe", "batch:8,expert:1"), ("hmoe", "devices:8")])
+    ("hmoe", "batch:8,expert:1"), ("hmoe", "devices:8"),
+    ("moe_top_k", "batch:2,expert:4"), ("moe_bias", "batch:2,expert:4"),
+    ("hmoe_top_k", "batch:2,expert:4")])
 def test_mesh_step_equals_single_device(kind, spec):
     x, y = _batch()
     single = _model(kind)
@@ -310,7 +326,7 @@ def _mirrored():
         cross_device_ops=tf.distribute.ReductionToOneDevice())
 
 
-@pytest.mark.parametrize("kind", ["moe", "hmoe"])
+@pytest.mark.parametrize("kind", ["moe", "hmoe", "moe_top_k", "hmoe_top_k"])
 def test_mirrored_fit_equals_single_device_fit(kind):
     # Without noise the routing is deterministic, so replicas (4 tokens
     # each) and one device (16) route alike; the importance loss needs the
@@ -335,7 +351,7 @@ def test_mirrored_fit_equals_single_device_fit(kind):
                                    atol=1e-5, err_msg=want.path)
 
 
-@pytest.mark.parametrize("kind", ["moe", "hmoe"])
+@pytest.mark.parametrize("kind", ["moe", "hmoe", "moe_top_k", "hmoe_top_k"])
 def test_mirrored_balancing_losses_equal_single_device(kind):
     # Importance and Load (the hierarchical layer's |X_i| and Load_i too)
     # are all-reduced before their CV^2: each replica's add_loss term

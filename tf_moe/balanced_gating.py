@@ -29,7 +29,8 @@ def balanced_capacity(num_valid, num_experts, k, capacity_factor=1.0):
                    math.ceil(capacity_factor * k * num_valid / num_experts))
     num_valid = tf.cast(num_valid, tf.float64)
     return tf.cast(tf.minimum(num_valid, tf.math.ceil(
-        capacity_factor * k * num_valid / num_experts)), tf.int32)
+        capacity_factor * k * num_valid / tf.cast(num_experts, tf.float64))),
+        tf.int32)
 
 
 def batchwise_mask(log_probabilities, row_valid, k, shuffle_seed=None,
@@ -290,22 +291,45 @@ class ExpertChoiceGate(Gate):
     Its `kernel` is W_g, `[d, E]` (flat layers only).
 
     Args: as `Gate`, and
-        capacity_factor: C's factor (1: k experts per token on average).
+        capacity_factor: C's factor; None for 1 (k experts per token on
+            average) with shapes that follow the batch, a number for static
+            shapes (what XLA needs).
     """
 
     sums_statistics_over_replicas = False
     balancings = ("none",)
 
-    def __init__(self, num_experts, k, capacity_factor=1.0, **kwargs):
+    def __init__(self, num_experts, k, capacity_factor=None, **kwargs):
         super().__init__(num_experts, k, **kwargs)
         if self.num_groups is not None:
             raise ValueError("`gating='expert_choice'` routes a flat layer "
                              "only (got a grouped gate).")
-        if (not isinstance(capacity_factor, (int, float))
+        if capacity_factor is not None and (
+                not isinstance(capacity_factor, (int, float))
                 or isinstance(capacity_factor, bool) or capacity_factor <= 0):
-            raise ValueError("`capacity_factor` must be a number > 0, got "
-                             f"{capacity_factor!r}.")
-        self.capacity_factor = float(capacity_factor)
+            raise ValueError("`capacity_factor` must be None or a number > 0, "
+                             f"got {capacity_factor!r}.")
+        self.capacity_factor = (None if capacity_factor is None
+                                else float(capacity_factor))
+
+    @property
+    def factor(self):
+        """C's factor: `capacity_factor`, 1 by default."""
+        return self.capacity_factor or 1.0
+
+    def bounds(self, rows_per_segment):
+        """`(max_per_expert, max_slots)`: the strategy's static bounds; off
+        a mesh, with a `capacity_factor` and a static batch, static ones
+        that drop nothing (a token may be taken by all E experts), so that
+        the gate compiles with XLA; else None (dynamic)."""
+        bounds = self.strategy.batchwise_bounds(
+            rows_per_segment, self.num_experts, self.k, self.factor)
+        if (bounds[1] is None and self.capacity_factor is not None
+                and rows_per_segment is not None):
+            bounds = (balanced_capacity(rows_per_segment, self.num_experts,
+                                        self.k, self.factor),
+                      self.num_experts)
+        return bounds
 
     def build_weights(self, model_dim):
         self.gate_kernel = self.add_weight(
@@ -320,21 +344,19 @@ class ExpertChoiceGate(Gate):
     def rows_per_expert(self, num_valid_rows, training):
         del training  # The same rule at inference.
         return balanced_capacity(num_valid_rows, self.num_experts, self.k,
-                                 self.capacity_factor)
+                                 self.factor)
 
     def decide(self, logits, row_valid, training=None, noise=None,
                row_groups=None, num_segments=1):
         del noise, row_groups  # No noise; flat.
         num_rows = logits.shape[0]
-        max_per_expert, max_slots = self.strategy.batchwise_bounds(
-            None if num_rows is None else num_rows // num_segments,
-            self.num_experts, self.k, self.capacity_factor)
+        max_per_expert, max_slots = self.bounds(
+            None if num_rows is None else num_rows // num_segments)
         log_probabilities = tf.nn.log_softmax(logits, axis=-1)
         mask = segmented_batchwise_mask(
             log_probabilities, row_valid, self.k, num_segments,
             shuffle_seed=self.seed_generator if training else None,
-            max_per_expert=max_per_expert,
-            capacity_factor=self.capacity_factor)
+            max_per_expert=max_per_expert, capacity_factor=self.factor)
         expert_ids, gate_weights, slot_mask, num_dropped = slots_from_mask(
             tf.exp(log_probabilities), mask, max_slots, normalize=False)
         return Routing(expert_ids, gate_weights, logits, slot_mask=slot_mask,

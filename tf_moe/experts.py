@@ -147,6 +147,33 @@ class Experts(keras.layers.Layer):
             main_out = main_out[0]
         return main_out if overflow is None else (main_out, overflow_out)
 
+    def every_token(self, tokens, training=None):
+        """`[T, d] -> [T, d_out]`: every expert on every token, summed (the
+        shared experts), as plain matmuls over the experts' hidden units
+        side by side (which is that sum)."""
+        def flat(kernel):  # [E, a, b] -> [a, E * b]
+            kernel = tf.convert_to_tensor(kernel)
+            return tf.reshape(tf.transpose(kernel, [1, 0, 2]),
+                              [kernel.shape[1], -1])
+
+        kernel_in = tf.convert_to_tensor(self.kernel_in)
+        if self.expert_type == "glu":  # Gates of all experts, then ups.
+            gate, up = tf.split(kernel_in, 2, axis=-1)
+            kernel_in = tf.concat([flat(gate), flat(up)], axis=-1)
+        else:
+            kernel_in = flat(kernel_in)
+        hidden = tf.matmul(tokens, kernel_in)
+        if self.use_bias:
+            hidden += tf.reshape(self.bias_in, [-1])
+        hidden = self.hidden_activation(hidden)
+        if self.dropout_rate > 0:
+            hidden = self.dropout(hidden, training=training)
+        kernel_out = tf.reshape(self.kernel_out, [-1, self.output_size])
+        outputs = tf.matmul(hidden, kernel_out)
+        if self.use_bias:
+            outputs += tf.reduce_sum(self.bias_out, axis=0)
+        return outputs
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.output_size,)
 

@@ -263,7 +263,7 @@ class Gate(keras.layers.Layer, metaclass=abc.ABCMeta):
         """The `RouterStatistics` of a routing (see there)."""
         num_groups = self.num_groups or 1
         if row_groups is None:
-            row_groups = tf.zeros_like(routing.expert_ids[:, 0])
+            row_groups = tf.zeros(tf.shape(row_valid), tf.int32)
         valid = tf.cast(row_valid, tf.float32)
         slots = tf.cast(routing.routed_slots & row_valid[:, None], tf.float32)
         slot_experts = (row_groups[:, None] * self.num_experts

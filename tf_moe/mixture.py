@@ -180,13 +180,12 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         self.experts.build((self.num_experts, None, model_dim))
         self.shared_experts = None
         if self.num_shared_experts:
-            # Shared experts all see every token, and their outputs add up:
-            # one expert with their hidden units side by side computes the
-            # same sum.
+            # Every token goes through all of them (replicated on a mesh).
             self.shared_experts = self._make_experts(
-                1, self.num_shared_experts * self.shared_hidden_size,
+                self.num_shared_experts, self.shared_hidden_size,
                 sharded=False, name="shared_experts")
-            self.shared_experts.build((1, None, model_dim))
+            self.shared_experts.build((self.num_shared_experts, None,
+                                       model_dim))
         self.expert_token_counts = self.add_weight(
             name="expert_token_counts", shape=(self.num_experts,),
             dtype="int32", initializer="zeros", trainable=False)
@@ -250,7 +249,7 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
 
     def _run_shared_experts(self, tokens, token_mask, training):
         """`[T, d_out]`: the shared experts on every (unmasked) token."""
-        outputs = self.shared_experts(tokens[None], training=training)[0]
+        outputs = self.shared_experts.every_token(tokens, training=training)
         if token_mask is not None:
             outputs *= tf.cast(token_mask, outputs.dtype)[:, None]
         return outputs

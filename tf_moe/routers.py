@@ -61,8 +61,8 @@ def make_gate(gating, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
               normalize_gates=True, bias_update_rate=1e-3,
               capacity_factor=None, **kwargs):
     """The gate named `gating` (a key of `GATES`); each gate-specific
-    argument goes to the gates that have it (`capacity_factor`, None for
-    1, to expert choice)."""
+    argument goes to the gates that have it (`capacity_factor` to expert
+    choice)."""
     gate_class = GATES[gating]
     if issubclass(gate_class, NoisyTopKGate):
         kwargs.update(noisy_gating=noisy_gating, noise_epsilon=noise_epsilon)
@@ -70,5 +70,5 @@ def make_gate(gating, num_experts, k, noisy_gating=True, noise_epsilon=1e-2,
         kwargs.update(normalize_gates=normalize_gates,
                       bias_update_rate=bias_update_rate)
     if issubclass(gate_class, ExpertChoiceGate):
-        kwargs.update(capacity_factor=capacity_factor or 1.0)
+        kwargs.update(capacity_factor=capacity_factor)
     return gate_class(num_experts, k, **kwargs)

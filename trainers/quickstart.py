@@ -27,6 +27,9 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", "/tmp/tf_moe_quickstart", "Where the SavedModel is written.")
 _NUM_EXPERTS = flags.DEFINE_integer("num_experts", 16, "Experts in the layer.")
 _K = flags.DEFINE_integer("k", 2, "Experts per token.")
+_GATING = flags.DEFINE_enum(
+    "gating", "noisy_top_k", list(tf_moe.GATES),
+    "The router (see the README's Routers section).")
 _EPOCHS = flags.DEFINE_integer("epochs", 8, "Training epochs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
@@ -55,10 +58,12 @@ def make_task(num_examples, seed, sample_seed):
     return points.astype(np.float32), targets.astype(np.float32)
 
 
-def build_model(num_experts, k, seed):
+def build_model(num_experts, k, seed, **moe_kwargs):
+    """`Dense -> (x + MoE(x)) -> Dense`; `moe_kwargs` go to `tf_moe.MoE`."""
     inputs = keras.Input((None, _WIDTH), name="points")
     hidden = keras.layers.Dense(64, name="embed")(inputs)
-    moe = tf_moe.MoE(num_experts, hidden_size=64, k=k, seed=seed, name="moe")
+    moe = tf_moe.MoE(num_experts, hidden_size=64, k=k, seed=seed, name="moe",
+                     **moe_kwargs)
     hidden = hidden + moe(hidden)
     outputs = keras.layers.Dense(_WIDTH, name="head")(hidden)
     return keras.Model(inputs, outputs), moe
@@ -70,7 +75,8 @@ def main(argv):
     train_x, train_y = make_task(16384, _SEED.value, sample_seed=1)
     test_x, test_y = make_task(1024, _SEED.value, sample_seed=2)
 
-    model, moe = build_model(_NUM_EXPERTS.value, _K.value, _SEED.value)
+    model, moe = build_model(_NUM_EXPERTS.value, _K.value, _SEED.value,
+                             gating=_GATING.value)
     model.compile(keras.optimizers.Adam(3e-3), "mse")
     history = model.fit(train_x, train_y, batch_size=256,
                         epochs=_EPOCHS.value, validation_data=(test_x, test_y),

@@ -1,10 +1,13 @@
 """Layer benchmark: MoE step time against the equal-FLOP dense FFN.
 
     python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
+        [--gatings=noisy_top_k,top_k,expert_choice,batchwise]
 
 Times one forward+backward step (gradients of the input and of every
 weight, balancing losses included) of `tf_moe.MoE` in training mode at initialisation (zero
-gate: noisy, balanced routing, dropless) and of a dense two-layer FFN with
+gate: noisy, balanced routing, dropless; the gates without noise get a
+random gate kernel instead, as a zero one would send every token to the
+same experts) and of a dense two-layer FFN with
 the same active FLOPs per token (hidden width k * hidden_size). Each
 configuration runs in its own process, so its peak resident memory is its
 own; all are measured in one run of this script, and the ratios in the
@@ -32,6 +35,10 @@ def _parse_args(argv=None):
     parser.add_argument("--model_dim", type=int, default=512)
     parser.add_argument("--hidden_size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=4)
+    parser.add_argument(
+        "--gatings", default="noisy_top_k",
+        help="Comma-separated routers of tf_moe.MoE, one row per router and "
+             "expert count (keys of tf_moe.GATES).")
     parser.add_argument("--steps", type=int, default=10,
                         help="Timed steps per configuration (median taken).")
     parser.add_argument("--warmup", type=int, default=3)
@@ -51,7 +58,7 @@ def _parse_args(argv=None):
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
     parser.add_argument("--worker", default=None,
-                        help=argparse.SUPPRESS)  # dense, moe:E, partition:E, hierarchical:GxB
+                        help=argparse.SUPPRESS)  # dense, moe:E:gating, partition:E, hierarchical:GxB
     return parser.parse_args(argv)
 
 
@@ -66,6 +73,7 @@ def _run_worker(args):
 
     keras.utils.set_random_seed(0)
     kind, _, experts = args.worker.partition(":")
+    experts, _, gating = experts.partition(":")
     inputs = tf.random.normal((args.tokens, args.model_dim))
     if kind == "dense":
         layer = keras.Sequential([
@@ -83,7 +91,11 @@ def _run_worker(args):
             groups, per_group, args.hidden_size, k_primary=k_primary,
             k_secondary=args.k // k_primary, seed=0)
     else:
-        layer = tf_moe.MoE(int(experts), args.hidden_size, k=args.k, seed=0)
+        gating = gating or "noisy_top_k"
+        layer = tf_moe.MoE(
+            int(experts), args.hidden_size, k=args.k, gating=gating,
+            gate_initializer=("zeros" if gating == "noisy_top_k"
+                              else "glorot_uniform"), seed=0)
     layer(inputs[:8], training=True)
     variables = layer.trainable_variables
 
@@ -109,6 +121,7 @@ def _run_worker(args):
 
     result = {
         "layer": kind,
+        "gating": gating or None,
         "num_experts": (None if not experts
                         else math.prod(int(n) for n in experts.split("x"))),
         "step_seconds": float(np.median(times)),
@@ -162,6 +175,7 @@ def main(argv=None):
         _run_worker(args)
         return
     experts = [int(e) for e in args.experts.split(",")]
+    gatings = args.gatings.split(",")
     print(f"tokens={args.tokens} d={args.model_dim} "
           f"hidden_size={args.hidden_size} k={args.k} "
           f"(dense FFN hidden={args.k * args.hidden_size}); "
@@ -172,20 +186,21 @@ def main(argv=None):
     print(f"dense: {dense['step_seconds']:.3f} s/step", flush=True)
     rows = []
     for num_experts in experts:
-        moe = _measure(args, f"moe:{num_experts}")
-        moe["ratio_to_dense"] = moe["step_seconds"] / dense["step_seconds"]
-        print(f"E={num_experts}: {moe['step_seconds']:.3f} s/step "
-              f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+        for gating in gatings:
+            moe = _measure(args, f"moe:{num_experts}:{gating}")
+            moe["ratio_to_dense"] = moe["step_seconds"] / dense["step_seconds"]
+            print(f"E={num_experts} {gating}: {moe['step_seconds']:.3f} "
+                  f"s/step ({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+            rows.append(moe)
         if args.partition_baseline:
             partition = _measure(args, f"partition:{num_experts}")
-            moe["partition_step_seconds"] = partition["step_seconds"]
-            moe["partition_ratio_to_dense"] = (partition["step_seconds"]
-                                               / dense["step_seconds"])
+            rows[-1]["partition_step_seconds"] = partition["step_seconds"]
+            rows[-1]["partition_ratio_to_dense"] = (
+                partition["step_seconds"] / dense["step_seconds"])
             print(f"E={num_experts} dynamic_partition baseline: "
                   f"{partition['step_seconds']:.3f} s/step "
-                  f"({moe['partition_ratio_to_dense']:.2f}x dense)",
+                  f"({rows[-1]['partition_ratio_to_dense']:.2f}x dense)",
                   flush=True)
-        rows.append(moe)
 
     print()
     def partition_cell(row):
@@ -200,7 +215,8 @@ def main(argv=None):
           f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
           f"{dense['peak_rss_mb']:,.0f} | - | - |")
     for row in rows:
-        print(f"| tf_moe.MoE k={args.k} | {row['num_experts']} | "
+        print(f"| tf_moe.MoE {row['gating']} k={args.k} | "
+              f"{row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
               f"{partition_cell(row)} | {row['parameters']:,} | "
               f"{row['peak_rss_mb']:,.0f} | {row['max_over_mean_load']:.2f} | "

@@ -13,16 +13,23 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     result = subprocess.run(
         [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
          "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
-         "--malloc=system", f"--output={output}"],
+         "--malloc=system", "--gatings=noisy_top_k,top_k,expert_choice",
+         f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| tf_moe.MoE k=2 | 4 |" in result.stdout
+    for gating in ("noisy_top_k", "top_k", "expert_choice"):
+        assert f"| tf_moe.MoE {gating} k=2 | 4 |" in result.stdout
     report = json.loads(output.read_text())
-    (row,) = report["moe"]
-    assert row["num_experts"] == 4 and row["step_seconds"] > 0
-    assert row["partition_step_seconds"] > 0
-    # E * (d*h + h + h*d + d) + gate (2 * d * E).
-    assert row["parameters"] == 4 * (8 * 4 + 4 + 4 * 8 + 8) + 2 * 8 * 4
+    noisy, top_k, expert_choice = report["moe"]
+    assert [row["gating"] for row in report["moe"]] == [
+        "noisy_top_k", "top_k", "expert_choice"]
+    assert noisy["num_experts"] == 4 and noisy["step_seconds"] > 0
+    # One per-expert baseline per expert count, on its last row.
+    assert expert_choice["partition_step_seconds"] > 0
+    # E * (d*h + h + h*d + d) + gate (2 * d * E; d * E without noise).
+    experts = 4 * (8 * 4 + 4 + 4 * 8 + 8)
+    assert noisy["parameters"] == experts + 2 * 8 * 4
+    assert top_k["parameters"] == expert_choice["parameters"] == experts + 8 * 4
 
 
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):

@@ -63,7 +63,9 @@ def test_fit_logs_balancing_metrics_and_reduces_loss(build):
         assert all(np.isfinite(logs[f"{moe.name}_{metric}"]))
     assert logs["loss"][-1] < logs["loss"][0]
     # The balancing losses are part of the objective fit minimises.
-    assert logs[f"{moe.name}_importance_loss"][0] > 0
+    router_losses = [name for name in moe._metric_trackers
+                     if name.endswith("_loss")]
+    assert sum(logs[f"{moe.name}_{name}"][0] for name in router_losses) > 0
 
 
 def test_two_moe_layers_log_separately():
@@ -153,7 +155,15 @@ def _both_hierarchical():
                              layer_kinds.hierarchical_batchwise()])
 
 
-@pytest.mark.parametrize("kind", [layer_kinds.moe, _both_hierarchical])
+def _newer_routers():
+    # One export for the routers since 2017.
+    return keras.Sequential([layer_kinds.moe_top_k(),
+                             layer_kinds.hierarchical_top_k(),
+                             layer_kinds.moe_expert_choice()])
+
+
+@pytest.mark.parametrize("kind", [layer_kinds.moe, _both_hierarchical,
+                                  _newer_routers])
 def test_export_serves_in_a_fresh_process_without_tf_moe(kind, tmp_path):
     x, y = _data(num=32)
     inputs = keras.Input((None, 8))

@@ -71,6 +71,15 @@ class HierarchicalMoE(MixtureOfExperts):
     secondary gate would give), so the loss stays finite and still pulls
     tokens towards the group through Load_primary.
 
+    With the other balancings and the z-loss, each level of gates counts
+    on its own and the terms add: "switch" is the primary gate's Switch
+    term over the groups plus the mean over groups of each secondary gate's
+    term over the rows routed to its group; the z-loss is the mean over
+    tokens of the primary gate's `logsumexp^2` plus the mean over group
+    rows of the secondary gates'; "bias" keeps one bias per group and one
+    per expert of each group. `gating="top_k"` routes both levels by
+    softmax top-k; "expert_choice" is for the flat layer only.
+
     With `gating="batchwise"` both levels are strictly balanced (appendix
     F): in training every group takes exactly `ceil(k_primary * tokens /
     groups)` tokens and every expert exactly `ceil(k_secondary * m1 /

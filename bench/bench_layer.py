@@ -194,13 +194,13 @@ def main(argv=None):
             rows.append(moe)
         if args.partition_baseline:
             partition = _measure(args, f"partition:{num_experts}")
-            rows[-1]["partition_step_seconds"] = partition["step_seconds"]
-            rows[-1]["partition_ratio_to_dense"] = (
-                partition["step_seconds"] / dense["step_seconds"])
+            ratio = partition["step_seconds"] / dense["step_seconds"]
+            for row in rows[-len(gatings):]:  # This E's rows.
+                row["partition_step_seconds"] = partition["step_seconds"]
+                row["partition_ratio_to_dense"] = ratio
             print(f"E={num_experts} dynamic_partition baseline: "
                   f"{partition['step_seconds']:.3f} s/step "
-                  f"({rows[-1]['partition_ratio_to_dense']:.2f}x dense)",
-                  flush=True)
+                  f"({ratio:.2f}x dense)", flush=True)
 
     print()
     def partition_cell(row):

@@ -114,6 +114,58 @@ def test_matches_dense_reference_outputs_and_gradients(kwargs, masked):
                                    err_msg=getattr(source, "path", "tokens"))
 
 
+def _dense_hierarchical_top_k(layer, tokens, token_mask):
+    """`[T, d_out]` of a built top-k HierarchicalMoE, densely: both levels
+    of softmax top-k gates on every token, every expert on every token."""
+    primary = _top_k_gates(tf.matmul(tokens, layer.primary_gate.gate_kernel),
+                           layer.k_primary, layer.normalize_gates)
+    logits = tf.einsum("td,gdb->tgb", tokens, layer.secondary_gate.gate_kernel)
+    secondary = tf.reshape(_top_k_gates(
+        tf.reshape(logits, [-1, layer.experts_per_group]), layer.k_secondary,
+        layer.normalize_gates), logits.shape)
+    gates = tf.reshape(primary[:, :, None] * secondary,
+                       [tokens.shape[0], -1])
+    gates *= token_mask[:, None].astype(np.float32)
+    outputs = tf.einsum("te,teo->to", gates,
+                        every_expert(layer.experts, tokens))
+    return outputs + shared_experts(layer, tokens, token_mask)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(),
+    dict(normalize_gates=False, expert_type="glu", num_shared_experts=1),
+    dict(balancing="bias", router_z_loss_weight=0.1),
+])
+def test_hierarchical_top_k_matches_dense_reference(kwargs):
+    rng = np.random.default_rng(5)
+    tokens = tf.constant(rng.normal(size=(20, 5)).astype(np.float32))
+    token_mask = rng.random(20) < 0.8
+    layer = tf_moe.HierarchicalMoE(
+        3, 4, 6, k_primary=2, k_secondary=2, gating="top_k", output_size=3,
+        gate_initializer=_random_gate(), seed=1,
+        bias_initializer=keras.initializers.RandomNormal(stddev=0.1), **kwargs)
+    layer.build(tokens.shape)
+    cotangent = tf.constant(rng.normal(size=(20, 3)).astype(np.float32))
+    sources = [tokens] + layer.trainable_variables
+
+    def objective(fn):
+        with tf.GradientTape() as tape:
+            tape.watch(tokens)
+            value = tf.reduce_sum(fn() * cotangent)
+        return value, tape.gradient(value, sources)
+
+    value, grads = objective(lambda: layer(tokens,
+                                           mask=tf.constant(token_mask)))
+    expected, expected_grads = objective(
+        lambda: _dense_hierarchical_top_k(layer, tokens, token_mask))
+    np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad, source in zip(grads, expected_grads, sources):
+        np.testing.assert_allclose(
+            np.zeros(source.shape) if grad is None else grad,
+            np.zeros(source.shape) if expected_grad is None else expected_grad,
+            rtol=1e-4, atol=1e-5, err_msg=getattr(source, "path", "tokens"))
+
+
 def _by_hand_layer(gating, **kwargs):
     """A layer whose logits are its tokens (identity gate kernel)."""
     layer = tf_moe.MoE(4, 3, k=2, gating=gating,

@@ -45,15 +45,12 @@ def _parse_args(argv=None):
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "layer.json"))
     parser.add_argument(
-        "--malloc", default="tcmalloc",
-        choices=["tcmalloc", "system", "tuned", "bfc"],
+        "--malloc", default="tcmalloc", choices=["tcmalloc", "system"],
         help="Allocator of the worker processes. TensorFlow on CPU allocates "
              "and frees large tensors every step; glibc's malloc maps and "
              "unmaps them each time, and the page faults that follow cost "
              "more than the gathers themselves. tcmalloc (Debian package "
-             "libtcmalloc-minimal4) keeps them; 'tuned' is glibc after "
-             "tf_moe.tune_malloc(); 'bfc' is TensorFlow's own pool "
-             "(TF_CPU_ALLOCATOR_USE_BFC=1). Every layer runs under the "
+             "libtcmalloc-minimal4) keeps them. Every layer runs under the "
              "same one.")
     parser.add_argument(
         "--partition_baseline", default=True,
@@ -68,9 +65,6 @@ def _parse_args(argv=None):
 def _run_worker(args):
     """Times one configuration in this process; prints one JSON line."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    if args.malloc == "tuned":
-        from tf_moe.allocator import tune_malloc
-        tune_malloc()
     import keras
     import numpy as np
     import tensorflow as tf
@@ -159,15 +153,12 @@ def _worker_env(malloc):
                              "(apt-get install libtcmalloc-minimal4), "
                              "or pass --malloc=system")
         env["LD_PRELOAD"] = _TCMALLOC
-    if malloc == "bfc":
-        env["TF_CPU_ALLOCATOR_USE_BFC"] = "1"
     return env
 
 
 def _measure(args, worker):
     command = [sys.executable, os.path.abspath(__file__), f"--worker={worker}"]
-    for name in ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup",
-                 "malloc"):
+    for name in ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup"):
         command.append(f"--{name}={getattr(args, name)}")
     completed = subprocess.run(command, capture_output=True, text=True,
                                check=False, env=_worker_env(args.malloc))

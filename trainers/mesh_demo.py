@@ -17,11 +17,13 @@ keeps its devices' shards, so the weights end the same as on one host.
 """
 
 import os
+import sys
 
-from absl import app
 from absl import flags
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from trainers.common import console
+
+console.quiet_tensorflow(sys.argv)
 
 _MESH = flags.DEFINE_string("mesh", "batch:2,expert:4",
                             "Mesh axes, axis:size pairs; the first axis is "
@@ -77,4 +79,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

@@ -10,13 +10,18 @@ TensorFlow.
 """
 
 import os
+import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 import numpy as np
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from trainers.common import console  # noqa: E402
+
+# Before TensorFlow is imported: its C++ log level is read then.
+console.quiet_tensorflow(sys.argv)
 
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
@@ -100,8 +105,7 @@ def main(argv):
           f"output (max abs difference {max_diff:.2e})")
     if max_diff > 1e-4:
         raise SystemExit("served model disagrees with the Keras model")
-    logging.info("done")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

@@ -12,8 +12,14 @@ sample  continues each --prefix.
 """
 
 import os
+import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from trainers.common import console  # noqa: E402
+
+# Before TensorFlow is imported: its C++ log level is read then.
+console.quiet_tensorflow(sys.argv)
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
@@ -77,4 +83,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

@@ -19,6 +19,11 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from trainers.common import console  # noqa: E402
+
+# Before TensorFlow is imported: its C++ log level is read then.
+console.quiet_tensorflow(sys.argv)
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -93,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)

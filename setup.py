@@ -29,9 +29,11 @@ setup(
             "sacrebleu",
             "tensorboard",
         ],
+        "keras-hub": ["keras-hub==0.32.*"],
         "dev": [
             "pytest",
             "scipy",
+            "keras-hub==0.32.*",  # tests/test_keras_hub.py
         ],
     },
 )

@@ -13,9 +13,9 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
+
+import workers
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -101,17 +101,10 @@ def _run_worker(args):
 
 
 def _measure(args, worker):
-    command = [sys.executable, os.path.abspath(__file__), f"--worker={worker}"]
-    for name in ("hidden_dim", "intermediate_dim", "num_layers", "batch",
-                 "length", "steps", "warmup"):
-        command.append(f"--{name}={getattr(args, name)}")
-    completed = subprocess.run(command, capture_output=True, text=True,
-                               check=False)
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark worker {worker} failed:\n"
-                       f"{completed.stderr[-4000:]}")
+    return workers.measure(
+        os.path.abspath(__file__), worker, args,
+        ("hidden_dim", "intermediate_dim", "num_layers", "batch", "length",
+         "steps", "warmup"))
 
 
 def main(argv=None):

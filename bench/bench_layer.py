@@ -20,9 +20,9 @@ import json
 import math
 import os
 import resource
-import subprocess
-import sys
 import time
+
+import workers
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -157,16 +157,10 @@ def _worker_env(malloc):
 
 
 def _measure(args, worker):
-    command = [sys.executable, os.path.abspath(__file__), f"--worker={worker}"]
-    for name in ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup"):
-        command.append(f"--{name}={getattr(args, name)}")
-    completed = subprocess.run(command, capture_output=True, text=True,
-                               check=False, env=_worker_env(args.malloc))
-    for line in completed.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    raise RuntimeError(f"benchmark worker {worker} failed:\n"
-                       f"{completed.stderr[-4000:]}")
+    return workers.measure(
+        os.path.abspath(__file__), worker, args,
+        ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup"),
+        env=_worker_env(args.malloc))
 
 
 def main(argv=None):

@@ -47,17 +47,18 @@ class RouterStatistics(NamedTuple):
     leading dimension is the gate's groups (1 for a flat gate).
 
     Attributes:
-        assignments: `[groups, E]` float, routed (row, expert) slots per
-            expert, before any capacity.
         rows: `[groups]` float, the valid rows.
+        assignments: `[groups, E]` float, routed (row, expert) slots per
+            expert, before any capacity ("switch" and "bias" balancing;
+            None otherwise).
         probability_sum: `[groups, E]`, the sum of `softmax(router
             logits)` (Switch's P_i times rows), or None when not needed.
         z_sum: `[groups]`, the sum of `logsumexp(router logits)^2`, or None
             when not needed.
     """
 
-    assignments: tf.Tensor
     rows: tf.Tensor
+    assignments: Optional[tf.Tensor] = None
     probability_sum: Optional[tf.Tensor] = None
     z_sum: Optional[tf.Tensor] = None
 
@@ -265,15 +266,18 @@ class Gate(keras.layers.Layer, metaclass=abc.ABCMeta):
         if row_groups is None:
             row_groups = tf.zeros(tf.shape(row_valid), tf.int32)
         valid = tf.cast(row_valid, tf.float32)
-        slots = tf.cast(routing.routed_slots & row_valid[:, None], tf.float32)
-        slot_experts = (row_groups[:, None] * self.num_experts
-                        + routing.expert_ids)
-        assignments = tf.reshape(tf.math.unsorted_segment_sum(
-            tf.reshape(slots, [-1]), tf.reshape(slot_experts, [-1]),
-            num_groups * self.num_experts), [num_groups, self.num_experts])
         rows = tf.math.unsorted_segment_sum(valid, row_groups, num_groups)
         logits = tf.cast(routing.router_logits, tf.float32)
-        probability_sum = z_sum = None
+        assignments = probability_sum = z_sum = None
+        if self.balancing in ("switch", "bias"):
+            slots = tf.cast(routing.routed_slots & row_valid[:, None],
+                            tf.float32)
+            slot_experts = (row_groups[:, None] * self.num_experts
+                            + routing.expert_ids)
+            assignments = tf.reshape(tf.math.unsorted_segment_sum(
+                tf.reshape(slots, [-1]), tf.reshape(slot_experts, [-1]),
+                num_groups * self.num_experts),
+                [num_groups, self.num_experts])
         if self.balancing == "switch":
             probability_sum = tf.math.unsorted_segment_sum(
                 tf.nn.softmax(logits, axis=-1) * valid[:, None], row_groups,
@@ -282,7 +286,7 @@ class Gate(keras.layers.Layer, metaclass=abc.ABCMeta):
             z_sum = tf.math.unsorted_segment_sum(
                 tf.square(tf.reduce_logsumexp(logits, axis=-1)) * valid,
                 row_groups, num_groups)
-        return RouterStatistics(assignments, rows, probability_sum, z_sum)
+        return RouterStatistics(rows, assignments, probability_sum, z_sum)
 
     def after_routing(self, statistics, training):
         """Hook for a gate that learns from its own routing (the bias of

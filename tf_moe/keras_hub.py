@@ -54,7 +54,6 @@ class _SavedAs(keras.layers.Layer):
         self._load([store[str(index)] for index in range(len(store))])
 
 
-@keras.saving.register_keras_serializable(package="tf_moe")
 class SparseMoeBlock(keras.layers.Layer):
     """A keras-hub MoE block's interface over a `tf_moe.MoE`.
 

@@ -30,7 +30,6 @@ from tf_moe.arguments import (check_activation, check_non_negative,
 from tf_moe.experts import EXPERT_TYPES, Experts
 from tf_moe.metrics import RoutingMetrics
 
-GATINGS = tuple(routers.GATES)
 # The default hidden activation of each expert type.
 DEFAULT_ACTIVATIONS = {"ffn": "relu", "glu": "silu"}
 

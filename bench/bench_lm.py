@@ -20,6 +20,13 @@ trains it with each (w_importance, w_load) of the paper and prints valid
 perplexity per word and, over the valid batches at inference, the mean
 CV(Importance), CV(Load) and max(Load)/mean(Load), Load being the tokens
 each expert received.
+
+The Transformer table, `configs/lm/transformer.py:<model>,cpu` (a dense
+FFN, the paper's noisy top-4, Switch top-1, Mixtral top-2 with SwiGLU
+experts and a hierarchical MoE, all at matched ops/timestep), same columns:
+
+    python bench/bench_lm.py --table=transformer \
+        --output=bench/results/lm_transformer.json [--every_other]
 """
 
 import json
@@ -38,12 +45,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import keras  # noqa: E402
 
 from configs.lm import table7  # noqa: E402
+from configs.lm import transformer  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.lm.train import LanguageModelRun  # noqa: E402
 
-_TABLE = flags.DEFINE_enum("table", "7", ["6", "7"], "The paper's table.")
-_MODELS = flags.DEFINE_list("models", list(table7.MODELS),
-                            "Table 7 models to train.")
+_TABLE = flags.DEFINE_enum("table", "7", ["6", "7", "transformer"],
+                           "The paper's table, or the Transformer family.")
+_MODELS = flags.DEFINE_list(
+    "models", [], "Models of the table to train (default: all of them).")
+_EVERY_OTHER = flags.DEFINE_bool(
+    "every_other", False, "Transformer table: MoE in every other block.")
 _STEPS = flags.DEFINE_integer("steps", 0,
                               "Training steps (0: the config's, 1000).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
@@ -56,9 +67,24 @@ BALANCE_WEIGHTS = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1),
 BALANCE_MODEL = "moe-256"
 
 
+def _cpu_config(name):
+    """The CPU-scale config of `name` from the table's config file."""
+    if _TABLE.value == "transformer":
+        options = ",cpu,every-other" if _EVERY_OTHER.value else ",cpu"
+        return transformer.get_config(name + options)
+    return table7.get_config(f"{name},cpu")
+
+
+def _experts(model):
+    """Experts per MoE layer of a model config (1 for a dense model)."""
+    if "hmoe" in model.blocks:
+        return model.num_groups * model.experts_per_group
+    return model.num_experts if "moe" in model.blocks else 1
+
+
 def train_one(name, steps, workdir, vocabulary, **model_overrides):
     """Trains `name` at CPU scale; returns its row (valid evaluation)."""
-    config = table7.get_config(f"{name},cpu")
+    config = _cpu_config(name)
     if steps:
         config.train.steps = steps
     config.model.update(model_overrides)
@@ -71,7 +97,7 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
     result = run.train()
     seconds = time.perf_counter() - start
     return dict(
-        model=name, experts=_EXPERTS.get(name, 1),
+        model=name, experts=_experts(config.model),
         parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
         valid_perplexity_per_word=result["perplexity_per_word"],
         steps=config.train.steps, train_seconds=seconds,
@@ -112,10 +138,11 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
-def table7_rows(root):
+def family_rows(root, family):
+    """One row per model of `family` (or of --models), in order."""
     rows = []
     vocabulary = None
-    for name in _MODELS.value:
+    for name in _MODELS.value or family:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, _STEPS.value, workdir, vocabulary))
         vocabulary = os.path.join(workdir, "vocab.txt")
@@ -164,15 +191,18 @@ def main(argv):
     del argv
     root = tempfile.mkdtemp(prefix="bench_lm_")
     if _TABLE.value == "7":
-        rows = table7_rows(root)
+        rows = family_rows(root, table7.MODELS)
+        print_table7(rows)
+    elif _TABLE.value == "transformer":
+        rows = family_rows(root, transformer.MODELS)
         print_table7(rows)
     else:
         rows = table6_rows(root)
         print_table6(rows)
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
-            json.dump(dict(table=int(_TABLE.value), steps=_STEPS.value or 1000,
-                           rows=rows), f, indent=2)
+            json.dump(dict(table=_TABLE.value, every_other=_EVERY_OTHER.value,
+                           steps=_STEPS.value or 1000, rows=rows), f, indent=2)
     if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)
     shutil.rmtree(root, ignore_errors=True)

@@ -51,6 +51,15 @@ def small_config(paths, **model):
     return config
 
 
+def small_transformer_config(paths, **model):
+    """A tiny two-block Transformer (a dense FFN block, then a top-2 block
+    of SwiGLU experts) on text files; `model` overrides its fields."""
+    defaults = dict(architecture="transformer", blocks=("ffn", "moe"),
+                    num_heads=2, ffn_hidden=(32,), gating="top_k",
+                    normalize_gates=True, expert_type="glu")
+    return small_config(paths, **dict(defaults, **model))
+
+
 def config_flags(config, base_module=base, groups=("data", "model", "train")):
     """`--config.<field>=<value>` flags that turn `base_module`'s (default
     configs/lm/base.py's) defaults into `config` (for runs in a

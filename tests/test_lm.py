@@ -276,9 +276,13 @@ def test_dtensor_mesh_gives_the_same_losses_and_resumes(tmp_path):
 # Export ----------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("make_config", [
+    lm_fixtures.small_config, lm_fixtures.small_transformer_config],
+    ids=["lstm", "transformer"])
 def test_export_scores_and_samples_raw_text_without_tf_moe(text_splits,
-                                                           tmp_path):
-    config = lm_fixtures.small_config(text_splits)
+                                                           tmp_path,
+                                                           make_config):
+    config = make_config(text_splits)
     config.train.steps = 2
     run = LanguageModelRun(config, str(tmp_path), Distribution())
     run.train()

@@ -28,14 +28,21 @@ def base_config():
     data.shuffle_buffer = 100_000
 
     config.model = model = ml_collections.ConfigDict()
+    model.architecture = "lstm"  # Or "transformer" (configs/lm/transformer.py).
+    # "lstm": the block list. "transformer": each Transformer block's
+    # feed-forward sublayer ("moe", "hmoe" or "ffn").
     model.blocks = ("lstm", "moe", "lstm")
     model.d_model = 512
     model.dropout = 0.1
     model.num_experts = 32
     model.k = 4
     model.expert_hidden = 1024
-    model.gating = "noisy_top_k"
+    model.gating = "noisy_top_k"  # tf_moe's routers (README, Routers).
     model.noisy_gating = True
+    model.normalize_gates = False  # "top_k": renormalise the k gates.
+    model.balancing = ml_collections.config_dict.placeholder(str)  # Router's.
+    model.aux_loss_weight = 0.01  # balancing="switch".
+    model.expert_type = "ffn"  # Or "glu" (SwiGLU experts).
     model.importance_weight = 0.1
     model.load_weight = 0.1
     model.capacity_factor = ml_collections.config_dict.placeholder(float)
@@ -46,6 +53,9 @@ def base_config():
     model.ffn_hidden = (4096,)  # Dense "ffn" blocks (MoE-1-Wide / -Deep).
     model.projected_lstm_units = 2048  # "projected_lstm" (LSTM-2048-512).
     model.num_sampled = 0  # > 0: sampled softmax over this many classes.
+    model.num_heads = 8  # Transformer attention.
+    model.positions = "rotary"  # Transformer: "rotary" or "learned".
+    model.max_positions = 512  # Learned positions' table.
 
     config.train = train = ml_collections.ConfigDict()
     train.steps = 27_000
@@ -62,6 +72,20 @@ def base_config():
     sample.max_tokens = 30
     sample.temperature = 1.0
     return config
+
+
+def use_cpu_scale_training(config):
+    """The embedded corpus and the budget of the CPU-scale families
+    (table7.py and transformer.py ",cpu"): a 4,000-piece vocabulary, 1,000
+    steps of 2,048 tokens; minutes per model on 2 cores."""
+    config.data.vocab_size = 4000
+    config.data.max_len = 96
+    config.data.tokens_per_batch = 2048
+    config.train.steps = 1000
+    config.train.learning_rate = 3e-3
+    config.train.warmup_steps = 100
+    config.train.log_every = 100
+    config.train.checkpoint_every = 1000
 
 
 def get_config():

@@ -65,13 +65,5 @@ def get_config(spec="moe-32"):
         config.model.num_sampled = 8192  # The paper: importance sampling.
         return config
     _model(config, name, width=8)
-    config.data.vocab_size = 4000
-    config.data.max_len = 96
-    config.data.tokens_per_batch = 2048
-    config.model.dropout = 0.1
-    config.train.steps = 1000
-    config.train.learning_rate = 3e-3
-    config.train.warmup_steps = 100
-    config.train.log_every = 100
-    config.train.checkpoint_every = 1000
+    base.use_cpu_scale_training(config)
     return config

@@ -1,4 +1,9 @@
-"""The paper's language model (section 5, appendix C) and its baselines.
+"""The language models: the paper's (section 5, appendix C) and its
+baselines, and a Transformer whose feed-forward layers are tf_moe layers.
+
+`config.model.architecture` is "lstm" (this module's block list) or
+"transformer" (trainers/lm/transformer.py, where `blocks` lists each
+Transformer block's feed-forward sublayer).
 
     ids -> embedding -> block -> ... -> block -> softmax
 
@@ -18,6 +23,9 @@ import tensorflow as tf
 
 import tf_moe
 from tf_moe import recurrent
+from trainers.lm import transformer
+
+ARCHITECTURES = ("lstm", "transformer")
 
 BLOCKS = ("lstm", "projected_lstm", "moe", "hmoe", "ffn")
 _SQUASHED = ("moe", "hmoe", "ffn")  # Blocks whose output gets the sigmoid.
@@ -64,12 +72,54 @@ class ProjectedLSTMCell(keras.layers.Layer):
                     projection=self.projection)
 
 
+@keras.saving.register_keras_serializable(package="tf_moe_trainers")
+class DenseFeedForward(keras.layers.Layer):
+    """ReLU hidden layers of `hidden_sizes` units, then a linear one of
+    `output_size`: `[..., d] -> [..., output_size]`. Keeps the padding
+    mask (a Sequential of Dense layers drops it)."""
+
+    def __init__(self, hidden_sizes, output_size, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_sizes = tuple(int(width) for width in hidden_sizes)
+        self.output_size = int(output_size)
+        self.supports_masking = True
+        self.hidden = [keras.layers.Dense(width, activation="relu",
+                                          name=f"hidden_{i}")
+                       for i, width in enumerate(self.hidden_sizes)]
+        self.projection = keras.layers.Dense(self.output_size,
+                                             name="projection")
+
+    def build(self, input_shape):
+        shape = tuple(input_shape)
+        for layer in self.hidden:
+            layer.build(shape)
+            shape = shape[:-1] + (layer.units,)
+        self.projection.build(shape)
+
+    def call(self, x):
+        for layer in self.hidden:
+            x = layer(x)
+        return self.projection(x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-1] + (self.output_size,)
+
+    def get_config(self):
+        return dict(super().get_config(), hidden_sizes=self.hidden_sizes,
+                    output_size=self.output_size)
+
+
 def check_model_config(model):
     """Raises ValueError naming the field when `model` (the config's
     `model` block) cannot build a model."""
+    if model.architecture not in ARCHITECTURES:
+        raise ValueError(f"config.model.architecture must be one of "
+                         f"{ARCHITECTURES}, got {model.architecture!r}.")
     blocks = list(model.blocks)
     if not blocks:
         raise ValueError("config.model.blocks is empty.")
+    if model.architecture == "transformer":
+        transformer.check_transformer_config(model)
     for block in blocks:
         if block not in BLOCKS:
             raise ValueError(f"config.model.blocks has {block!r}; each block "
@@ -81,9 +131,22 @@ def check_model_config(model):
     if not 0 <= model.dropout < 1:
         raise ValueError(
             f"config.model.dropout must be in [0, 1), got {model.dropout}.")
+    if model.expert_type not in ("ffn", "glu"):
+        raise ValueError(f"config.model.expert_type must be 'ffn' or 'glu', "
+                         f"got {model.expert_type!r}.")
     if "moe" in blocks and model.k > model.num_experts:
         raise ValueError(f"config.model.k ({model.k}) is larger than "
                          f"config.model.num_experts ({model.num_experts}).")
+
+
+def _router_arguments(model):
+    """The tf_moe arguments every MoE block of the config shares."""
+    return dict(
+        gating=model.gating, noisy_gating=model.noisy_gating,
+        normalize_gates=model.normalize_gates, balancing=model.balancing,
+        importance_weight=model.importance_weight,
+        load_weight=model.load_weight, aux_loss_weight=model.aux_loss_weight,
+        capacity_factor=model.capacity_factor, expert_type=model.expert_type)
 
 
 def _make_block(kind, index, model, seed):
@@ -98,25 +161,15 @@ def _make_block(kind, index, model, seed):
     if kind == "moe":
         return tf_moe.MoE(
             num_experts=model.num_experts, hidden_size=model.expert_hidden,
-            k=model.k, gating=model.gating, noisy_gating=model.noisy_gating,
-            importance_weight=model.importance_weight,
-            load_weight=model.load_weight,
-            capacity_factor=model.capacity_factor, seed=seed, name=name)
+            k=model.k, seed=seed, name=name, **_router_arguments(model))
     if kind == "hmoe":
         return tf_moe.HierarchicalMoE(
             num_groups=model.num_groups,
             experts_per_group=model.experts_per_group,
             hidden_size=model.expert_hidden, k_primary=model.k_primary,
-            k_secondary=model.k_secondary, gating=model.gating,
-            noisy_gating=model.noisy_gating,
-            importance_weight=model.importance_weight,
-            load_weight=model.load_weight,
-            capacity_factor=model.capacity_factor, seed=seed, name=name)
-    hidden = [keras.layers.Dense(width, activation="relu",
-                                 name=f"{name}_hidden_{i}")
-              for i, width in enumerate(model.ffn_hidden)]
-    return keras.Sequential(hidden + [keras.layers.Dense(model.d_model)],
-                            name=name)
+            k_secondary=model.k_secondary, seed=seed, name=name,
+            **_router_arguments(model))
+    return DenseFeedForward(model.ffn_hidden, model.d_model, name=name)
 
 
 def build_language_model(model, vocab_size, seed=0):
@@ -128,6 +181,20 @@ def build_language_model(model, vocab_size, seed=0):
         so that training can use a sampled softmax over its weights.
     """
     check_model_config(model)
+    if model.architecture == "transformer":
+        body = transformer.build_transformer_body(
+            model, lambda kind, index, seed: _make_block(kind, index, model,
+                                                         seed),
+            vocab_size, seed)
+    else:
+        body = _recurrent_body(model, vocab_size, seed)
+    softmax = keras.layers.Dense(vocab_size, name="softmax")
+    softmax.build((None, model.d_model))
+    return body, softmax
+
+
+def _recurrent_body(model, vocab_size, seed):
+    """The paper's body: embedding, then the block list with residuals."""
     ids = keras.Input(shape=(None,), dtype="int32", name="ids")
     x = keras.layers.Embedding(vocab_size, model.d_model, mask_zero=True,
                                name="embedding")(ids)
@@ -139,10 +206,7 @@ def build_language_model(model, vocab_size, seed=0):
         y = keras.layers.Dropout(model.dropout, seed=seed + 101 + index,
                                  name=f"dropout_{index}")(y)
         x = keras.layers.Add(name=f"residual_{index}")([x, y])
-    body = keras.Model(ids, x, name="body")
-    softmax = keras.layers.Dense(vocab_size, name="softmax")
-    softmax.build((None, model.d_model))
-    return body, softmax
+    return keras.Model(ids, x, name="body")
 
 
 def block_ops_per_timestep(kind, model):
@@ -154,7 +218,8 @@ def block_ops_per_timestep(kind, model):
     if kind == "projected_lstm":
         units = model.projected_lstm_units
         return 4 * units * (d + d) + units * d
-    expert = 2 * d * model.expert_hidden
+    # A GLU expert has two input matrices (gate and up) and one output.
+    expert = (3 if model.expert_type == "glu" else 2) * d * model.expert_hidden
     if kind == "moe":
         return d * model.num_experts + model.k * expert
     if kind == "hmoe":
@@ -166,8 +231,13 @@ def block_ops_per_timestep(kind, model):
 
 
 def ops_per_timestep(model):
-    """The model's ops/timestep without embedding and softmax (as Table 7)."""
-    return sum(block_ops_per_timestep(kind, model) for kind in model.blocks)
+    """The model's ops/timestep without embedding and softmax (as Table 7);
+    a Transformer block adds its attention projections."""
+    ops = sum(block_ops_per_timestep(kind, model) for kind in model.blocks)
+    if model.architecture == "transformer":
+        ops += len(model.blocks) * transformer.attention_ops_per_timestep(
+            model)
+    return ops
 
 
 def count_parameters(body):

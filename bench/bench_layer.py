@@ -128,6 +128,7 @@ def _run_worker(args):
         "step_seconds_all": times,
         "parameters": int(sum(np.prod(v.shape) for v in variables)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": _peak_gpu_mb(tf),
     }
     if kind in ("moe", "hierarchical"):
         # The routing of one more step: its load, and the buffer rows the
@@ -140,6 +141,21 @@ def _run_worker(args):
         result["rows_over_routed"] = float(
             plan.buffer_slot.shape[0] / counts.sum())
     print("RESULT " + json.dumps(result))
+
+
+def _peak_gpu_mb(tf):
+    """Peak memory TensorFlow's allocator held on the first GPU (None
+    without a GPU)."""
+    if not tf.config.list_logical_devices("GPU"):
+        return None
+    return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+
+
+def _memory_cell(row):
+    """The table's memory figure: GPU peak on a GPU, else peak RSS."""
+    if row.get("peak_gpu_mb") is not None:
+        return f"{row['peak_gpu_mb']:,.0f}"
+    return f"{row['peak_rss_mb']:,.0f}"
 
 
 _TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
@@ -202,18 +218,19 @@ def main(argv=None):
             return "-"
         return f"{row['partition_ratio_to_dense']:.2f}"
 
+    memory = "GPU" if dense.get("peak_gpu_mb") is not None else "RSS"
     print("| layer | experts | step (s) | / dense | dynamic_partition / dense "
-          "| parameters | peak RSS (MB) | max/mean load | rows/routed |")
+          f"| parameters | peak {memory} (MB) | max/mean load | rows/routed |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| dense FFN ({args.k * args.hidden_size}) | - | "
           f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
-          f"{dense['peak_rss_mb']:,.0f} | - | - |")
+          f"{_memory_cell(dense)} | - | - |")
     for row in rows:
         print(f"| tf_moe.MoE {row['gating']} k={args.k} | "
               f"{row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
               f"{partition_cell(row)} | {row['parameters']:,} | "
-              f"{row['peak_rss_mb']:,.0f} | {row['max_over_mean_load']:.2f} | "
+              f"{_memory_cell(row)} | {row['max_over_mean_load']:.2f} | "
               f"{row['rows_over_routed']:.2f} |")
 
     os.makedirs(os.path.dirname(args.output), exist_ok=True)

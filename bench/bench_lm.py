@@ -42,6 +42,10 @@ from absl import flags
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from trainers.common import console  # noqa: E402
+
+console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
+
 import keras  # noqa: E402
 
 from configs.lm import table7  # noqa: E402

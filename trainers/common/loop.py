@@ -14,6 +14,7 @@ shows (`progress_values`); the loop does the rest the same way for both:
 - checkpoints every `config.train.checkpoint_every` steps and at the end.
 """
 
+import abc
 import json
 import math
 import os
@@ -58,7 +59,7 @@ class Window:
         return self["aux"] / max(self.steps, 1)
 
 
-class TrainingRun:
+class TrainingRun(abc.ABC):
     """The loop over a run's state. Subclasses set `config` (with `seed`
     and `config.train`: steps, learning_rate, warmup_steps, constant_steps,
     clip_norm, log_every, checkpoint_every, checkpoints_to_keep,
@@ -108,19 +109,19 @@ class TrainingRun:
         self.trained_tokens = 0.0  # Target tokens trained on by train().
         return models
 
+    @abc.abstractmethod
     def loss_stats(self, batch, training):
         """`(nll_sum, stats)` of a batch: `stats` scalars summed over the
         replicas, with "tokens" (the target tokens the NLL is over)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def evaluate(self, split="valid", writer=None):
         """The run's evaluation of `split`; returns a dict of metrics."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def progress_values(self, window):
         """`{name: value}` shown in the progress line and summarised, from
         a `Window` of step statistics."""
-        raise NotImplementedError
 
     def take_routing_metrics(self):
         """`{layer name: {metric: value}}` of every MoE layer of the run's

@@ -19,7 +19,6 @@ import sys
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -97,4 +96,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    console.run(main)  # Quiet by default; --verbosity=0 for the rest.

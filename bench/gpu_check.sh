@@ -13,7 +13,8 @@
 # 4. the hierarchical benchmark at 64 and 65,536 experts -> hierarchical.json
 #
 # Everything runs even if a step fails; the exit status is the first
-# failure's. About 10 minutes on an H100-class GPU (most of it step 2).
+# failure's. Meant to fit in 10 minutes; it has not run on a GPU yet, so
+# that is a plan, not a measurement.
 set -u
 cd "$(dirname "$0")/.."
 OUT_DIR=${1:-bench/results/gpu}

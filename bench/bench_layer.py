@@ -39,6 +39,12 @@ def _parse_args(argv=None):
         "--gatings", default="noisy_top_k",
         help="Comma-separated routers of tf_moe.MoE, one row per router and "
              "expert count (keys of tf_moe.GATES).")
+    parser.add_argument(
+        "--kernels", default="auto",
+        help="Comma-separated modes of the experts' product kernels "
+             "(tf_moe.kernels.MODES: auto, tensorflow, xla), one row per "
+             "mode. Run with TF_ENABLE_ONEDNN_OPTS=0 in the environment for "
+             "TensorFlow's kernels without oneDNN.")
     parser.add_argument("--steps", type=int, default=10,
                         help="Timed steps per configuration (median taken).")
     parser.add_argument("--warmup", type=int, default=3)
@@ -58,7 +64,7 @@ def _parse_args(argv=None):
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
     parser.add_argument("--worker", default=None,
-                        help=argparse.SUPPRESS)  # dense, moe:E:gating, partition:E, hierarchical:GxB
+                        help=argparse.SUPPRESS)  # dense, moe:E:gating:kernels, partition:E, hierarchical:GxB
     return parser.parse_args(argv)
 
 
@@ -74,6 +80,8 @@ def _run_worker(args):
     keras.utils.set_random_seed(0)
     kind, _, experts = args.worker.partition(":")
     experts, _, gating = experts.partition(":")
+    gating, _, kernel_mode = gating.partition(":")
+    tf_moe.kernels.set_mode(kernel_mode or "auto")
     inputs = tf.random.normal((args.tokens, args.model_dim))
     if kind == "dense":
         layer = keras.Sequential([
@@ -129,6 +137,9 @@ def _run_worker(args):
         "parameters": int(sum(np.prod(v.shape) for v in variables)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": _peak_gpu_mb(tf),
+        "kernels": tf_moe.kernels.get_mode(),
+        "kernel_measurements": tf_moe.kernels.measurements(),
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
     }
     if kind in ("moe", "hierarchical"):
         # The routing of one more step: its load, and the buffer rows the
@@ -186,26 +197,33 @@ def main(argv=None):
         return
     experts = [int(e) for e in args.experts.split(",")]
     gatings = args.gatings.split(",")
+    kernel_modes = args.kernels.split(",")
     print(f"tokens={args.tokens} d={args.model_dim} "
           f"hidden_size={args.hidden_size} k={args.k} "
           f"(dense FFN hidden={args.k * args.hidden_size}); "
-          f"malloc={args.malloc}; "
+          f"malloc={args.malloc}; TF_ENABLE_ONEDNN_OPTS="
+          f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; "
           f"median of {args.steps} steps after {args.warmup} warm-up",
           flush=True)
     dense = _measure(args, "dense")
     print(f"dense: {dense['step_seconds']:.3f} s/step", flush=True)
     rows = []
     for num_experts in experts:
+        this_e = []
         for gating in gatings:
-            moe = _measure(args, f"moe:{num_experts}:{gating}")
-            moe["ratio_to_dense"] = moe["step_seconds"] / dense["step_seconds"]
-            print(f"E={num_experts} {gating}: {moe['step_seconds']:.3f} "
-                  f"s/step ({moe['ratio_to_dense']:.2f}x dense)", flush=True)
-            rows.append(moe)
+            for mode in kernel_modes:
+                moe = _measure(args, f"moe:{num_experts}:{gating}:{mode}")
+                moe["ratio_to_dense"] = (moe["step_seconds"]
+                                         / dense["step_seconds"])
+                print(f"E={num_experts} {gating} kernels={mode}: "
+                      f"{moe['step_seconds']:.3f} s/step "
+                      f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+                this_e.append(moe)
+        rows += this_e
         if args.partition_baseline:
             partition = _measure(args, f"partition:{num_experts}")
             ratio = partition["step_seconds"] / dense["step_seconds"]
-            for row in rows[-len(gatings):]:  # This E's rows.
+            for row in this_e:
                 row["partition_step_seconds"] = partition["step_seconds"]
                 row["partition_ratio_to_dense"] = ratio
             print(f"E={num_experts} dynamic_partition baseline: "
@@ -226,7 +244,8 @@ def main(argv=None):
           f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
           f"{_memory_cell(dense)} | - | - |")
     for row in rows:
-        print(f"| tf_moe.MoE {row['gating']} k={args.k} | "
+        print(f"| tf_moe.MoE {row['gating']} k={args.k} "
+              f"({row['kernels']} kernels) | "
               f"{row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
               f"{partition_cell(row)} | {row['parameters']:,} | "

@@ -13,24 +13,33 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     result = subprocess.run(
         [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
          "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
-         "--malloc=system", "--gatings=noisy_top_k,top_k,expert_choice",
-         f"--output={output}"],
+         "--malloc=system", "--gatings=noisy_top_k,expert_choice",
+         "--kernels=auto,xla", f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    for gating in ("noisy_top_k", "top_k", "expert_choice"):
-        assert f"| tf_moe.MoE {gating} k=2 | 4 |" in result.stdout
+    for gating in ("noisy_top_k", "expert_choice"):
+        for mode in ("auto", "xla"):
+            assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels) | 4 |"
+                    in result.stdout)
     report = json.loads(output.read_text())
-    noisy, top_k, expert_choice = report["moe"]
-    assert [row["gating"] for row in report["moe"]] == [
-        "noisy_top_k", "top_k", "expert_choice"]
+    noisy, noisy_xla, expert_choice, _ = report["moe"]
+    assert [(row["gating"], row["kernels"]) for row in report["moe"]] == [
+        ("noisy_top_k", "auto"), ("noisy_top_k", "xla"),
+        ("expert_choice", "auto"), ("expert_choice", "xla")]
     assert noisy["num_experts"] == 4 and noisy["step_seconds"] > 0
+    # "auto" timed the experts' products and ran the fastest; "xla" none.
+    assert noisy["kernel_measurements"] and not noisy_xla[
+        "kernel_measurements"]
+    for measured in noisy["kernel_measurements"]:
+        assert measured["chosen"] == min(measured["seconds"],
+                                         key=measured["seconds"].get)
     # One per-expert baseline per expert count, beside each of its rows.
     assert (noisy["partition_step_seconds"]
             == expert_choice["partition_step_seconds"] > 0)
     # E * (d*h + h + h*d + d) + gate (2 * d * E; d * E without noise).
     experts = 4 * (8 * 4 + 4 + 4 * 8 + 8)
     assert noisy["parameters"] == experts + 2 * 8 * 4
-    assert top_k["parameters"] == expert_choice["parameters"] == experts + 8 * 4
+    assert expert_choice["parameters"] == experts + 8 * 4
 
 
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):

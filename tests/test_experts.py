@@ -6,14 +6,22 @@ import pytest
 import tensorflow as tf
 
 from tf_moe import experts as experts_lib
+from tf_moe import kernels
 from tf_moe import matmul as matmul_lib
 
 
-@pytest.mark.parametrize("rows", [3, matmul_lib.SMALL_PRODUCT_ROWS + 5])
-def test_buffer_matmul_gradients_match_autodiff(rows):
+@pytest.mark.parametrize("mode", ["tensorflow", "xla", "auto", "transposed"])
+@pytest.mark.parametrize("rows", [3, 300])
+def test_buffer_matmul_gradients_match_autodiff(rows, mode, kernel_mode,
+                                                monkeypatch):
+    if mode == "transposed":  # The other orientation of input gradients.
+        monkeypatch.setattr(kernels, "choose", lambda *args, **kwargs: (
+            kernels.Choice("tensorflow", "tensorflow",
+                           "tensorflow_transposed")))
+    else:
+        kernel_mode(mode)
     rng = np.random.default_rng(rows)
     main = tf.constant(rng.normal(size=(2, 5, 4, 5)).astype(np.float32))
-    # Both paths of the overflow input gradient (small and large products).
     overflow = tf.constant(rng.normal(size=(2, rows, 5)).astype(np.float32))
     w = tf.constant(rng.normal(size=(5, 5, 3)).astype(np.float32))
     overflow_experts = tf.constant([3, 1])

@@ -32,6 +32,7 @@ from tf_moe.top_k_gating import TopKGate
 from tf_moe.upcycle import upcycle
 from tf_moe import dispatch
 from tf_moe import distribution
+from tf_moe import kernels
 from tf_moe import recurrent
 from tf_moe import sharding
 

@@ -50,6 +50,8 @@ class Experts(keras.layers.Layer):
         overflow: optional `[E2, C2, d]`, more rows for some experts.
         overflow_experts: `[E2]` int32, the expert of each overflow block.
         training: enables dropout on the hidden activations.
+        rows_hint: the rows per expert to choose the products' kernels for
+            when `main`'s C is known only at run time (`tf_moe.kernels`).
 
     Returns:
         The structure of the input: `[(shards,) E, C, d_out]` for `main`
@@ -114,7 +116,7 @@ class Experts(keras.layers.Layer):
         return self.activation(pre_activation)
 
     def call(self, main, overflow=None, overflow_experts=None,
-             training=None):
+             training=None, rows_hint=None):
         unsharded = main.shape.rank == 3
         if unsharded:
             main = main[None]
@@ -122,7 +124,8 @@ class Experts(keras.layers.Layer):
         def layer(inputs, kernel, bias):
             main_out, overflow_out = buffer_matmul(
                 *inputs, tf.convert_to_tensor(kernel), overflow_experts,
-                compiled=self.strategy.compiles_experts)
+                allow_xla=self.strategy.compiles_experts,
+                rows_hint=rows_hint)
             if bias is None:
                 return main_out, overflow_out
             main_out += bias[None, :, None, :]

@@ -9,6 +9,7 @@ from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
 from tf_moe.gating import GateOutput, RouterStatistics
 from tf_moe.matmul import buffer_matmul
+from tf_moe import plan as plan_lib
 from tf_moe import routers
 from tf_moe.arguments import check_positive_int
 from tf_moe.mixture import MixtureOfExperts
@@ -245,7 +246,9 @@ class HierarchicalMoE(MixtureOfExperts):
             tf.cast(main, dtype),
             None if overflow is None else tf.cast(overflow, dtype),
             gate.kernel, plan.overflow_experts,
-            compiled=self.strategy.compiles_experts)
+            allow_xla=self.strategy.compiles_experts,
+            rows_hint=plan_lib.balanced_rows(
+                shard_tokens.shape[1], self.num_groups, self.k_primary))
         width = main_logits.shape[-1]
         logits = tf.reshape(main_logits, [main.shape[0], -1, width])
         row_groups = tf.repeat(tf.range(self.num_groups), plan.capacity)

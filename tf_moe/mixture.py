@@ -24,6 +24,7 @@ import tensorflow as tf
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
 from tf_moe import distribution
+from tf_moe import plan as plan_lib
 from tf_moe import routers
 from tf_moe.arguments import (check_activation, check_non_negative,
                               check_positive_int)
@@ -261,11 +262,17 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             slot_mask=gate_output.slot_mask)
         main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
         main = self.strategy.to_experts(main)
+        shard_tokens = (None if tokens.shape[0] is None else
+                        tokens.shape[0] // self.strategy.num_token_shards)
+        rows_hint = plan_lib.balanced_rows(
+            shard_tokens, self.num_experts, self.experts_per_token)
         if overflow is None:
-            main_out, overflow_out = self.experts(main, training=training), None
+            main_out, overflow_out = self.experts(
+                main, training=training, rows_hint=rows_hint), None
         else:  # Dropless, one shard: the experts also take the overflow.
             main_out, overflow_out = self.experts(
-                main, overflow, plan.overflow_experts, training=training)
+                main, overflow, plan.overflow_experts, training=training,
+                rows_hint=rows_hint)
         main_out = self.strategy.from_experts(main_out)
         outputs = dispatch_lib.combine((main_out, overflow_out), plan,
                                        shards(gate_output.gate_weights))

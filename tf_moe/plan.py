@@ -100,6 +100,19 @@ def fixed_capacity(num_tokens, num_experts, k, capacity_factor):
     return tf.cast(tf.math.ceil(capacity_factor * expected), tf.int32)
 
 
+def balanced_rows(shard_tokens, num_experts, k):
+    """Rows per expert of a perfectly balanced routing of one token shard,
+    `ceil(k * shard_tokens / E)`; None when the tokens are not static.
+    (What the experts' kernels are chosen for, `tf_moe.kernels`.)
+
+    Args:
+        shard_tokens: the static number of tokens of one shard, or None.
+    """
+    if shard_tokens is None:
+        return None
+    return max(1, math.ceil(k * shard_tokens / num_experts))
+
+
 def bucket_capacity(capacity):
     """Rounds capacities up to one of 8 sizes per octave (exact below 16).
 

@@ -97,7 +97,8 @@ class OneDevice:
 
     def shard_tokens(self, x):
         """`[T, ...]` -> `[shards, T / shards, ...]` (None stays None)."""
-        return None if x is None else x[None]
+        # expand_dims, not x[None]: a slice's gradient copies the whole.
+        return None if x is None else tf.expand_dims(x, 0)
 
     def merge_shards(self, x):
         """`[shards, T / shards, ...]` -> `[T, ...]`."""

@@ -1,0 +1,150 @@
+"""The kernels of the experts' products, and their choice by measurement."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tf_moe
+from tf_moe import kernels
+from tf_moe import plan as plan_lib
+
+E, C, A, B = 3, 4, 5, 6
+
+
+def _operands_and_products(S):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(S, E, C, A)).astype(np.float32)
+    w = rng.normal(size=(E, A, B)).astype(np.float32)
+    dy = rng.normal(size=(S, E, C, B)).astype(np.float32)
+    return {
+        "forward": ((x, w), np.einsum("seca,eab->secb", x, w)),
+        "weight_gradient": ((x, dy), np.einsum("seca,secb->eab", x, dy)),
+        "input_gradient": ((dy, w), np.einsum("secb,eab->seca", dy, w)),
+    }
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+@pytest.mark.parametrize("product,name", [
+    (product, name) for product in kernels.PRODUCTS
+    for name in kernels.CANDIDATES[product]])
+def test_every_candidate_computes_its_product(product, name, shards):
+    (left, right), expected = _operands_and_products(shards)[product]
+    actual = kernels.CANDIDATES[product][name](tf.constant(left),
+                                               tf.constant(right))
+    np.testing.assert_allclose(actual.numpy(), expected, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
+        kernel_mode, monkeypatch):
+    kernel_mode("auto")
+    seconds = {"forward": {"tensorflow": 2.0, "xla": 1.0},
+               "weight_gradient": {"tensorflow": 1.0, "xla": 2.0},
+               "input_gradient": {"tensorflow": 3.0,
+                                  "tensorflow_transposed": 1.0, "xla": 2.0}}
+    timed = []
+
+    def fake_time(candidate, shape):
+        timed.append(shape)
+        name, = [n for n, c in kernels.CANDIDATES[shape.product].items()
+                 if c is candidate]
+        return seconds[shape.product][name]
+
+    monkeypatch.setattr(kernels, "_time", fake_time)
+    chosen = kernels.choose(1, 8, None, 16, 32, tf.float32)
+    assert chosen == ("xla", "tensorflow", "tensorflow_transposed")
+    assert len(timed) == 7
+    assert {shape.rows for shape in timed} == {kernels.DEFAULT_ROWS}
+    assert kernels.choose(1, 8, None, 16, 32, tf.float32) == chosen
+    assert len(timed) == 7  # Cached.
+    kernels.choose(1, 8, 64, 16, 32, tf.float32)
+    assert len(timed) == 14  # A new shape is timed.
+    report = kernels.measurements()
+    assert [m["chosen"] for m in report[:3]] == [
+        "xla", "tensorflow", "tensorflow_transposed"]
+    assert report[0]["seconds"] == seconds["forward"]
+
+
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy):
+    keras.config.set_dtype_policy(policy)
+    layer = tf_moe.MoE(4, 8, k=2, seed=0)
+    tokens = tf.random.normal((32, 6))
+    expected = layer(tokens, training=False)
+    kernel_mode("auto")
+    actual = tf.function(lambda x: layer(x, training=False))(tokens)
+    tolerance = 1e-5 if policy == "float32" else 2e-2
+    np.testing.assert_allclose(actual.numpy(), expected.numpy(),
+                               rtol=tolerance, atol=tolerance)
+    report = kernels.measurements()
+    # The two expert layers (6 -> 8, 8 -> 6), three products each, timed at
+    # the rows of a balanced routing in the compute dtype.
+    assert len(report) == 6
+    for measured in report:
+        assert measured["rows"] == plan_lib.balanced_rows(32, 4, 2) == 16
+        assert measured["dtype"] == layer.compute_dtype
+        assert measured["chosen"] == min(measured["seconds"],
+                                         key=measured["seconds"].get)
+        assert all(s > 0 for s in measured["seconds"].values())
+
+
+def test_forced_modes_and_programs_without_xla(kernel_mode):
+    kernel_mode("xla")
+    chosen = kernels.choose(1, 4, 8, 2, 3, tf.float32)
+    assert chosen == ("xla",) * 3
+    assert chosen.functions() == tuple(
+        kernels.CANDIDATES[p]["xla"] for p in kernels.PRODUCTS)
+    kernel_mode("auto")
+    assert kernels.choose(1, 4, 8, 2, 3, tf.float32, allow_xla=False) == (
+        "tensorflow",) * 3
+    assert kernels.measurements() == []
+
+
+def test_set_mode_refuses_an_unknown_mode():
+    with pytest.raises(ValueError, match="kernel mode must be one of"):
+        kernels.set_mode("fastest")
+
+
+def test_large_shapes_are_timed_on_fewer_experts_of_the_same_shape():
+    large = kernels.ProductShape("forward", "CPU", "float32", 1, 1024, 32,
+                                 512, 1024)
+    x, w = kernels._operands(large)
+    assert x.shape[1:] == (x.shape[1], 32, 512) and w.shape[1:] == (512, 1024)
+    assert 1 <= x.shape[1] == w.shape[0] < 1024
+    assert x.shape.num_elements() + w.shape.num_elements() <= (
+        kernels.MAX_TIMED_ELEMENTS)
+    small = large._replace(experts=4, rows=8, in_width=16, out_width=8)
+    x, w = kernels._operands(small)
+    assert x.shape == (1, 4, 8, 16) and w.shape == (4, 16, 8)
+
+
+def _mixture_model():
+    return keras.Sequential([keras.Input((6,)), tf_moe.MoE(4, 8, k=2,
+                                                           seed=0),
+                             keras.layers.Dense(1)])
+
+
+def test_auto_on_a_one_device_mesh_equals_one_device(kernel_mode):
+    """A one-device mesh may run XLA: "auto" times its kernels from inside
+    DTensor's traced step, and the step is the one-device step."""
+    from tf_moe import sharding
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(16, 6)).astype("float32")
+    y = rng.normal(size=(16, 1)).astype("float32")
+    single = _mixture_model()
+    single.compile(keras.optimizers.Adam(0.01), "mse")
+    kernel_mode("auto")
+    mesh = sharding.make_mesh("devices:1", devices=["CPU:0"])
+    placement = sharding.MeshPlacement(mesh, batch_axis="devices",
+                                       expert_axis="devices")
+    with placement.scope():
+        model = _mixture_model()
+        optimizer = keras.optimizers.Adam(0.01)
+    sharding.set_weights(model, single.get_weights())
+    trainer = sharding.MeshTrainer(model, optimizer, "mse", placement)
+    mesh_losses = [trainer.train_step(x, y) for _ in range(2)]
+    assert len(kernels.measurements()) == 6
+    kernel_mode("tensorflow")
+    single_losses = [single.train_on_batch(x, y)[0] for _ in range(2)]
+    np.testing.assert_allclose(mesh_losses, single_losses, rtol=1e-5)

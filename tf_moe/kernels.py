@@ -1,0 +1,260 @@
+"""The kernels of the experts' batched products, chosen by measurement.
+
+A layer of experts runs three products per training step (`tf_moe.matmul`):
+the forward `x @ W`, the weight gradient `x^T @ dy` and the input gradient
+`dy @ W^T`, each batched over experts: `[S, E, C, a] x [E, a, b]`. Each can
+run on one of several kernels:
+
+- "tensorflow": TensorFlow's batched matmul (BatchMatMulV2), which reaches
+  oneDNN where TensorFlow's oneDNN kernels are on;
+- "tensorflow_transposed" (input gradient only): the same kernel as
+  `(W @ dy^T)^T`, which some CPU kernels run faster at few rows;
+- "xla": the same product compiled by XLA.
+
+Which is fastest depends on the machine, not on the model: on one 2-core
+CPU (AVX-512, oneDNN on) TensorFlow's kernel took 0.22 s and XLA's 0.31 s
+for the forward product of 256 experts x [128, 512] x [512, 1024]; with
+`TF_ENABLE_ONEDNN_OPTS=0` on the same CPU, 0.41 s against 0.33 s
+(`bench/bench_matmul.py`). So in the default mode, "auto", the first call
+of each product at a new shape times every candidate on random operands of
+that shape, once per process, and runs the fastest from then on
+(`measurements()` lists what was timed and chosen). A mode can also be
+forced for the whole process: `set_mode("xla")`, or the environment
+variable `TF_MOE_EXPERT_KERNELS` read at import.
+
+Where a program cannot run an XLA-compiled function (a mesh of several
+devices), the callers ask for `allow_xla=False` and get TensorFlow's kernel.
+`choose` returns the names of the chosen candidates (`Choice`), so that a
+caller can run a product of other shapes in the same orientation.
+"""
+
+import functools
+import os
+import time
+from typing import NamedTuple
+
+import numpy as np
+import tensorflow as tf
+
+MODES = ("auto", "tensorflow", "xla")
+PRODUCTS = ("forward", "weight_gradient", "input_gradient")
+
+# Rows per expert to time at when the caller cannot say (dynamic batch).
+DEFAULT_ROWS = 256
+# At most this many elements in the operands of one timing (64 MB in
+# float32): large layers are timed on fewer experts of the same shape,
+# since a batched kernel's time grows linearly in the experts.
+MAX_TIMED_ELEMENTS = 1 << 24
+# Timed calls per candidate after one warm-up (the compile, for XLA); the
+# fastest call counts, since interference only ever adds time.
+TIMED_CALLS = 3
+
+
+# With one shard (off a mesh) the products are plain batched matmuls over
+# E, with the transposes as the kernel's adjoint flags: TensorFlow's einsum
+# transposes its operands in memory for the weight gradient's "seca,secb"
+# (0.34 s against 0.18 s for 16 experts x [2048, 512] x [2048, 1024]).
+# Several shards (a mesh) keep the einsums, which DTensor expands.
+
+
+def _forward(x, w):
+    """`x @ w` per expert: `[S, E, C, a]`, `[E, a, b]` -> `[S, E, C, b]`."""
+    if x.shape[0] == 1:
+        return tf.expand_dims(tf.matmul(tf.squeeze(x, 0), w), 0)
+    return tf.einsum("seca,eab->secb", x, w)
+
+
+def _weight_gradient(x, dy):
+    """`x^T @ dy` per expert, summed over shards: `[S, E, C, a]`,
+    `[S, E, C, b]` -> `[E, a, b]`."""
+    if x.shape[0] == 1:
+        return tf.matmul(tf.squeeze(x, 0), tf.squeeze(dy, 0), adjoint_a=True)
+    return tf.einsum("seca,secb->eab", x, dy)
+
+
+def _input_gradient(dy, w):
+    """`dy @ w^T` per expert: `[S, E, C, b]`, `[E, a, b]` -> `[S, E, C, a]`."""
+    if dy.shape[0] == 1:
+        return tf.expand_dims(
+            tf.matmul(tf.squeeze(dy, 0), w, adjoint_b=True), 0)
+    return tf.einsum("secb,eab->seca", dy, w)
+
+
+def _input_gradient_transposed(dy, w):
+    """`dy @ w^T` as `(w @ dy^T)^T`: same arguments and result."""
+    if dy.shape[0] == 1:
+        product = tf.matmul(w, tf.squeeze(dy, 0), adjoint_b=True)
+        return tf.expand_dims(tf.transpose(product, [0, 2, 1]), 0)
+    dy_t = tf.transpose(dy, [1, 3, 0, 2])  # [E, b, S, C]
+    shape = tf.shape(dy)
+    product = tf.matmul(w, tf.reshape(dy_t, [shape[1], shape[3], -1]))
+    product = tf.reshape(product, [shape[1], -1, shape[0], shape[2]])
+    return tf.transpose(product, [2, 0, 3, 1])
+
+
+def _compiled(function):
+    return tf.function(function, jit_compile=True, reduce_retracing=True)
+
+
+# Every product's candidates by name, each `(left, right) -> product`.
+CANDIDATES = {
+    "forward": {"tensorflow": _forward, "xla": _compiled(_forward)},
+    "weight_gradient": {"tensorflow": _weight_gradient,
+                        "xla": _compiled(_weight_gradient)},
+    "input_gradient": {
+        "tensorflow": _input_gradient,
+        "tensorflow_transposed": _input_gradient_transposed,
+        "xla": _compiled(_input_gradient)},
+}
+
+
+class ProductShape(NamedTuple):
+    """What a kernel choice is made for (and cached by)."""
+
+    product: str
+    device: str
+    dtype: str
+    shards: int
+    experts: int
+    rows: int
+    in_width: int   # a of `[S, E, C, a] x [E, a, b]`
+    out_width: int  # b
+
+
+_mode = None
+_chosen = {}  # ProductShape -> name
+_timings = {}  # ProductShape -> {name: seconds}
+
+
+def set_mode(mode):
+    """Sets how the experts' products pick their kernels, process-wide.
+
+    Args:
+        mode: "auto" (time the candidates once per shape, run the fastest),
+            "tensorflow" (TensorFlow's kernels) or "xla" (XLA-compiled).
+    """
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"The experts' kernel mode must be one of {MODES}, "
+                         f"got {mode!r}.")
+    _mode = mode
+
+
+def get_mode():
+    """The mode `set_mode` set, "auto" by default."""
+    return _mode
+
+
+def clear_measurements():
+    """Forgets every choice made in "auto" mode (they are timed again)."""
+    _chosen.clear()
+    _timings.clear()
+
+
+def measurements():
+    """What "auto" mode timed: one dict per product shape, with the
+    seconds of every candidate and the one chosen."""
+    return [dict(shape._asdict(), seconds=dict(_timings[shape]),
+                 chosen=_chosen[shape]) for shape in _timings]
+
+
+class Choice(NamedTuple):
+    """The candidate (a key of `CANDIDATES[product]`) run for each
+    product."""
+
+    forward: str
+    weight_gradient: str
+    input_gradient: str
+
+    def functions(self):
+        """`(forward, weight_gradient, input_gradient)`, functions of
+        `(x, w)`, `(x, dy)` and `(dy, w)`."""
+        return tuple(CANDIDATES[product][name]
+                     for product, name in zip(PRODUCTS, self))
+
+
+def choose(shards, experts, rows, in_width, out_width, dtype,
+           allow_xla=True):
+    """The kernels to run `[S, E, C, a] x [E, a, b]`'s products on.
+
+    Args:
+        shards, experts, in_width, out_width: S, E, a and b.
+        rows: C, or None when it is known only at run time; the kernels are
+            then timed at `DEFAULT_ROWS`. (A caller that knows the expected
+            rows per expert better passes them.)
+        dtype: the operands' `tf.DType`.
+        allow_xla: False where the program cannot run XLA-compiled
+            functions: TensorFlow's kernels are used.
+
+    Returns:
+        A `Choice`.
+    """
+    mode = _mode if allow_xla else "tensorflow"
+    if mode != "auto":
+        return Choice(mode, mode, mode)
+    device = _device_type()
+    return Choice(*(
+        _choose(ProductShape(
+            product, device, tf.as_dtype(dtype).name, int(shards),
+            int(experts), int(rows or DEFAULT_ROWS), int(in_width),
+            int(out_width)))
+        for product in PRODUCTS))
+
+
+def _device_type():
+    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+
+
+def _timing_device():
+    return tf.config.list_logical_devices(_device_type())[0].name
+
+
+def _choose(shape):
+    if shape not in _chosen:
+        # Eagerly, outside any function being traced, on a plain device
+        # (not a DTensor mesh's).
+        with tf.init_scope(), tf.device(_timing_device()):
+            _timings[shape] = {
+                name: _time(candidate, shape)
+                for name, candidate in CANDIDATES[shape.product].items()}
+        _chosen[shape] = min(_timings[shape], key=_timings[shape].get)
+    return _chosen[shape]
+
+
+def _time(candidate, shape):
+    """Seconds of the fastest of `TIMED_CALLS` calls, after a warm-up."""
+    left, right = _operands(shape)
+    function = _summed(candidate)
+    function(left, right).numpy()
+    times = []
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        function(left, right).numpy()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+@functools.lru_cache(maxsize=None)
+def _summed(candidate):
+    # A scalar out, so that timing does not include copying the product.
+    return tf.function(lambda left, right: tf.reduce_sum(candidate(
+        left, right)))
+
+
+def _operands(shape):
+    """Random operands of the product, on at most `MAX_TIMED_ELEMENTS`:
+    all of `shape.experts`, or fewer of the same shape."""
+    s, c, a, b = shape.shards, shape.rows, shape.in_width, shape.out_width
+    per_expert = s * c * (a + b) + a * b
+    experts = max(1, min(shape.experts, MAX_TIMED_ELEMENTS // per_expert))
+    x = [s, experts, c, a]
+    w = [experts, a, b]
+    dy = [s, experts, c, b]
+    left, right = {"forward": (x, w), "weight_gradient": (x, dy),
+                   "input_gradient": (dy, w)}[shape.product]
+    rng = np.random.default_rng(0)
+    return tuple(tf.cast(rng.standard_normal(operand, np.float32),
+                         shape.dtype) for operand in (left, right))
+
+
+set_mode(os.environ.get("TF_MOE_EXPERT_KERNELS", "auto"))

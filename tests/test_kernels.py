@@ -84,9 +84,19 @@ def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy):
     for measured in report:
         assert measured["rows"] == plan_lib.balanced_rows(32, 4, 2) == 16
         assert measured["dtype"] == layer.compute_dtype
-        assert measured["chosen"] == min(measured["seconds"],
-                                         key=measured["seconds"].get)
+        assert measured["chosen"] == kernels._fastest(measured["seconds"])
         assert all(s > 0 for s in measured["seconds"].values())
+
+
+def test_other_kernels_must_beat_tensorflows_by_the_required_speedup():
+    margin = 1 - kernels.REQUIRED_SPEEDUP
+    assert kernels._fastest({"tensorflow": 1.0, "xla": 0.99 * margin}) == (
+        "xla")
+    assert kernels._fastest({"tensorflow": 1.0, "xla": 1.01 * margin}) == (
+        "tensorflow")
+    assert kernels._fastest({"tensorflow": 1.0, "xla": 0.5,
+                             "tensorflow_transposed": 0.4}) == (
+        "tensorflow_transposed")
 
 
 def test_forced_modes_and_programs_without_xla(kernel_mode):

@@ -5,7 +5,7 @@ The layers, gates and experts call these methods and never branch on where
 they run. Three strategies implement them:
 
 - `OneDevice` (here): one token shard, dropless dispatch allowed, the
-  experts' products compiled by XLA.
+  experts' products free to run XLA-compiled (`tf_moe.kernels` chooses).
 - `replicas.Replicas`: the one-device program on every replica of a
   `tf.distribute` strategy, with the balancing statistics summed over the
   replicas. It is what a layer gets off a mesh, since Keras may build a
@@ -31,7 +31,8 @@ class OneDevice:
     # Programs need static shapes and no while loops (DTensor): no dropless
     # overflow group, recurrent layers unroll.
     static_shapes = False
-    # The experts' batched products may run as XLA-compiled functions.
+    # The experts' batched products may run as XLA-compiled functions
+    # (whether they do is `tf_moe.kernels`' choice).
     compiles_experts = True
 
     def check_num_experts(self, num_experts, layer_name):

@@ -68,17 +68,21 @@ def _parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _run_worker(args):
-    """Times one configuration in this process; prints one JSON line."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def make_step(args, worker):
+    """The layer a worker name says (`dense`, `moe:E[:gating[:kernels]]`,
+    `partition:E`, `hierarchical:GxB`), built, and its training step.
+
+    Returns:
+        `(layer, step, inputs)`: `step(inputs)` returns the loss and the sum
+        of every gradient (of the input and every weight).
+    """
     import keras
-    import numpy as np
     import tensorflow as tf
 
     import tf_moe
 
     keras.utils.set_random_seed(0)
-    kind, _, experts = args.worker.partition(":")
+    kind, _, experts = worker.partition(":")
     experts, _, gating = experts.partition(":")
     gating, _, kernel_mode = gating.partition(":")
     tf_moe.kernels.set_mode(kernel_mode or "auto")
@@ -119,6 +123,22 @@ def _run_worker(args):
         # Reduce every gradient so none of the work can be pruned away.
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
+    return layer, step, inputs
+
+
+def _run_worker(args):
+    """Times one configuration in this process; prints one JSON line."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+    import tensorflow as tf
+
+    import tf_moe
+
+    layer, step, inputs = make_step(args, args.worker)
+    kind, _, experts = args.worker.partition(":")
+    experts, _, gating = experts.partition(":")
+    gating = gating.partition(":")[0]
+    variables = layer.trainable_variables
     for _ in range(args.warmup):
         step(inputs)[1].numpy()
     times = []

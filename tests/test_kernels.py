@@ -24,10 +24,11 @@ def _operands_and_products(S):
     }
 
 
-@pytest.mark.parametrize("shards", [1, 2])
-@pytest.mark.parametrize("product,name", [
-    (product, name) for product in kernels.PRODUCTS
-    for name in kernels.CANDIDATES[product]])
+@pytest.mark.parametrize("product,name,shards", [
+    (product, name, shards) for product in kernels.PRODUCTS
+    for name in kernels.CANDIDATES[product] for shards in (1, 2)
+    if kernels._applies(name, kernels.ProductShape(
+        product, "CPU", "float32", shards, E, C, A, B))])
 def test_every_candidate_computes_its_product(product, name, shards):
     (left, right), expected = _operands_and_products(shards)[product]
     actual = kernels.CANDIDATES[product][name](tf.constant(left),
@@ -39,10 +40,12 @@ def test_every_candidate_computes_its_product(product, name, shards):
 def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
         kernel_mode, monkeypatch):
     kernel_mode("auto")
-    seconds = {"forward": {"tensorflow": 2.0, "xla": 1.0},
-               "weight_gradient": {"tensorflow": 1.0, "xla": 2.0},
+    seconds = {"forward": {"tensorflow": 2.0, "xla": 1.0, "per_expert": 3.0},
+               "weight_gradient": {"tensorflow": 1.0, "xla": 2.0,
+                                   "per_expert": 1.0},
                "input_gradient": {"tensorflow": 3.0,
-                                  "tensorflow_transposed": 1.0, "xla": 2.0}}
+                                  "tensorflow_transposed": 1.0, "xla": 2.0,
+                                  "per_expert": 2.0}}
     timed = []
 
     def fake_time(candidate, shape):
@@ -54,12 +57,17 @@ def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
     monkeypatch.setattr(kernels, "_time", fake_time)
     chosen = kernels.choose(1, 8, None, 16, 32, tf.float32)
     assert chosen == ("xla", "tensorflow", "tensorflow_transposed")
-    assert len(timed) == 7
+    assert len(timed) == 10
     assert {shape.rows for shape in timed} == {kernels.DEFAULT_ROWS}
     assert kernels.choose(1, 8, None, 16, 32, tf.float32) == chosen
-    assert len(timed) == 7  # Cached.
+    assert len(timed) == 10  # Cached.
     kernels.choose(1, 8, 64, 16, 32, tf.float32)
-    assert len(timed) == 14  # A new shape is timed.
+    assert len(timed) == 20  # A new shape is timed.
+    # Too many experts (or shards) for one op per expert: not a candidate.
+    kernels.choose(1, kernels.PER_EXPERT_MAX_EXPERTS + 1, 64, 16, 32,
+                   tf.float32)
+    kernels.choose(2, 8, 64, 16, 32, tf.float32)
+    assert len(timed) == 34
     report = kernels.measurements()
     assert [m["chosen"] for m in report[:3]] == [
         "xla", "tensorflow", "tensorflow_transposed"]

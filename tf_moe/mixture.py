@@ -223,14 +223,17 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         tokens = tf.reshape(inputs, [-1, self.model_dim])
         token_mask = None if mask is None else tf.reshape(mask, [-1])
 
-        gate_output, dropped_before_dispatch = self._route(
-            self._jitter(tokens, training), token_mask, training)
+        # The name scopes are the stages bench/profile_layer.py reports.
+        with tf.name_scope("route"):
+            gate_output, dropped_before_dispatch = self._route(
+                self._jitter(tokens, training), token_mask, training)
         outputs, plan = self._run_experts(tokens, token_mask, gate_output,
                                           training)
         if self.shared_experts is not None:
             outputs += self._run_shared_experts(tokens, token_mask, training)
-        self._add_losses_and_metrics(gate_output, plan,
-                                     dropped_before_dispatch)
+        with tf.name_scope("losses"):
+            self._add_losses_and_metrics(gate_output, plan,
+                                         dropped_before_dispatch)
         output_shape = tf.concat(
             [tf.shape(inputs)[:-1], [output_size]], axis=0)
         return tf.reshape(outputs, output_shape)
@@ -256,12 +259,14 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
 
     def _run_experts(self, tokens, token_mask, gate_output, training):
         """Dispatch, experts and combine: `([T, d_out], DispatchPlan)`."""
-        plan, shards = self.strategy.plan(
-            gate_output.expert_ids, self.num_experts, self.experts_per_token,
-            self.capacity_factor, token_mask=token_mask,
-            slot_mask=gate_output.slot_mask)
-        main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
-        main = self.strategy.to_experts(main)
+        with tf.name_scope("plan"):
+            plan, shards = self.strategy.plan(
+                gate_output.expert_ids, self.num_experts,
+                self.experts_per_token, self.capacity_factor,
+                token_mask=token_mask, slot_mask=gate_output.slot_mask)
+        with tf.name_scope("dispatch"):
+            main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
+            main = self.strategy.to_experts(main)
         shard_tokens = (None if tokens.shape[0] is None else
                         tokens.shape[0] // self.strategy.num_token_shards)
         rows_hint = plan_lib.balanced_rows(
@@ -273,10 +278,11 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             main_out, overflow_out = self.experts(
                 main, overflow, plan.overflow_experts, training=training,
                 rows_hint=rows_hint)
-        main_out = self.strategy.from_experts(main_out)
-        outputs = dispatch_lib.combine((main_out, overflow_out), plan,
-                                       shards(gate_output.gate_weights))
-        return self.strategy.merge_shards(outputs), plan
+        with tf.name_scope("combine"):
+            main_out = self.strategy.from_experts(main_out)
+            outputs = dispatch_lib.combine((main_out, overflow_out), plan,
+                                           shards(gate_output.gate_weights))
+            return self.strategy.merge_shards(outputs), plan
 
     def _add_losses_and_metrics(self, gate_output, plan,
                                 dropped_before_dispatch):

@@ -10,23 +10,25 @@ from tf_moe import kernels
 from tf_moe import matmul as matmul_lib
 
 
-@pytest.mark.parametrize("mode", ["tensorflow", "xla", "auto", "transposed"])
+@pytest.mark.parametrize("mode", ["tensorflow", "xla", "auto",
+                                  "tensorflow_transposed", "per_expert"])
 @pytest.mark.parametrize("rows", [3, 300])
 def test_buffer_matmul_gradients_match_autodiff(rows, mode, kernel_mode,
                                                 monkeypatch):
-    if mode == "transposed":  # The other orientation of input gradients.
-        monkeypatch.setattr(kernels, "choose", lambda *args, **kwargs: (
-            kernels.Choice("tensorflow", "tensorflow",
-                           "tensorflow_transposed")))
-    else:
+    if mode in kernels.MODES:
         kernel_mode(mode)
+    else:  # Candidates that "auto" alone chooses, forced.
+        monkeypatch.setattr(kernels, "choose", lambda *args, **kwargs: (
+            kernels.Choice(*(mode if mode in kernels.CANDIDATES[product]
+                             else "tensorflow"
+                             for product in kernels.PRODUCTS))))
     rng = np.random.default_rng(rows)
-    main = tf.constant(rng.normal(size=(2, 5, 4, 5)).astype(np.float32))
+    main = tf.constant(rng.normal(size=(1, 5, 4, 5)).astype(np.float32))
     overflow = tf.constant(rng.normal(size=(2, rows, 5)).astype(np.float32))
     w = tf.constant(rng.normal(size=(5, 5, 3)).astype(np.float32))
     overflow_experts = tf.constant([3, 1])
     cotangents = [tf.constant(rng.normal(size=shape).astype(np.float32))
-                  for shape in [(2, 5, 4, 3), (2, rows, 3)]]
+                  for shape in [(1, 5, 4, 3), (2, rows, 3)]]
 
     def plain(main, overflow, w, overflow_experts):
         return (tf.matmul(main, w[None]),

@@ -21,9 +21,10 @@ from tf_moe import kernels
 
 def _overflow_input_gradient(orientation):
     """`dy @ w^T` for `dy: [n, C, b]`, `w: [n, a, b]`: `[n, C, a]`, in the
-    orientation chosen for the main group (TensorFlow's kernels: the shapes
-    change with every batch, and XLA would compile each)."""
-    if orientation == "xla":
+    orientation chosen for the main group, on TensorFlow's batched kernel:
+    n and C change with every batch (XLA would compile each, and one op per
+    expert needs a static n)."""
+    if orientation not in ("tensorflow", "tensorflow_transposed"):
         orientation = "tensorflow"
     product = kernels.CANDIDATES["input_gradient"][orientation]
     return lambda dy, w: tf.squeeze(product(tf.expand_dims(dy, 0), w), 0)

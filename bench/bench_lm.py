@@ -49,6 +49,7 @@ import keras  # noqa: E402
 
 from configs.lm import table7  # noqa: E402
 from configs.lm import transformer  # noqa: E402
+from trainers.common import text  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.lm.train import LanguageModelRun  # noqa: E402
 
@@ -92,8 +93,8 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
         config.train.steps = steps
     config.model.update(model_overrides)
     os.makedirs(workdir, exist_ok=True)
-    if vocabulary:  # One vocabulary for all: learned once, copied.
-        shutil.copy(vocabulary, os.path.join(workdir, "vocab.txt"))
+    if vocabulary:  # One text model for all: learned once, copied.
+        shutil.copy(vocabulary, os.path.join(workdir, text.MODEL_FILE))
     keras.backend.clear_session()
     run = LanguageModelRun(config, workdir, Distribution())
     start = time.perf_counter()
@@ -148,7 +149,7 @@ def family_rows(root, family):
     for name in _MODELS.value or family:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, _STEPS.value, workdir, vocabulary))
-        vocabulary = os.path.join(workdir, "vocab.txt")
+        vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 
 
@@ -174,7 +175,7 @@ def table6_rows(root):
                          importance_cv=routing["importance_cv"],
                          load_cv=routing["load_cv"],
                          load_max_over_mean=routing["load_max_over_mean"]))
-        vocabulary = os.path.join(workdir, "vocab.txt")
+        vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 
 

@@ -31,6 +31,7 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 from configs.nmt import paper  # noqa: E402
+from trainers.common import text  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.nmt.train import TranslationRun  # noqa: E402
 
@@ -42,9 +43,9 @@ _BLEU_SENTENCES = flags.DEFINE_integer(
     "bleu_sentences", 0, "Valid sentences BLEU is computed on (0: the "
     "config's, 300).")
 _VOCABULARY = flags.DEFINE_string(
-    "vocabulary", "", "A vocab.txt to train every model with (e.g. the main "
-    "job's, DIR/vocab.txt: the same 6,000-piece settings); by default the "
-    "first model learns one and the others reuse it.")
+    "vocabulary", "", "A sentencepiece.model to train every model with (e.g. "
+    "the main job's, DIR/sentencepiece.model: the same 6,000-piece settings); "
+    "by default the first model learns one and the others reuse it.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 
 
@@ -55,8 +56,8 @@ def train_one(name, workdir, vocabulary):
     if _BLEU_SENTENCES.value:
         config.decode.bleu_sentences = _BLEU_SENTENCES.value
     os.makedirs(workdir, exist_ok=True)
-    if vocabulary:  # One vocabulary for all: learned once, copied.
-        shutil.copy(vocabulary, os.path.join(workdir, "vocab.txt"))
+    if vocabulary:  # One text model for all: learned once, copied.
+        shutil.copy(vocabulary, os.path.join(workdir, text.MODEL_FILE))
     keras.backend.clear_session()
     run = TranslationRun(config, workdir, Distribution())
     start = time.perf_counter()
@@ -81,7 +82,7 @@ def main(argv):
     for name in _MODELS.value:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, workdir, vocabulary))
-        vocabulary = os.path.join(workdir, "vocab.txt")
+        vocabulary = os.path.join(workdir, text.MODEL_FILE)
     print("\n| model | parameters | ops/timestep | valid BLEU | valid ppl "
           "| tokens/s |")
     print("|---|---|---|---|---|---|")

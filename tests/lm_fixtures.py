@@ -33,7 +33,7 @@ def small_config(paths, **model):
     config.data.source = "text"
     for split, path in paths.items():
         config.data[f"{split}_path"] = path
-    config.data.vocab_size = 300
+    config.data.vocab_size = 600
     config.data.max_len = 64
     config.data.tokens_per_batch = 512
     config.data.shuffle_buffer = 1000

@@ -32,7 +32,7 @@ def text_splits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def tokenizer(text_splits, tmp_path_factory):
     config = lm_fixtures.small_config(text_splits)
-    return text.Tokenizer(data_lib.vocabulary(
+    return text.Tokenizer(data_lib.text_model(
         config.data, str(tmp_path_factory.mktemp("vocab"))))
 
 
@@ -54,26 +54,6 @@ def test_schedule_warms_up_linearly_then_decays_as_inverse_sqrt():
     np.testing.assert_allclose(
         [float(held(step)) for step in (0, 1, 4, 19)],
         [1.0, 2.0, 2.0, 2.0 * math.sqrt(5 / 20)], rtol=1e-6)
-
-
-def test_tokenizer_counts_words_and_round_trips(tokenizer):
-    ids, words = tokenizer.tokenize(tf.constant(
-        ["In the beginning, God created.", ""]))
-    # "in the beginning , god created ." : punctuation are words.
-    assert words.numpy().tolist() == [7, 0]
-    assert ids.row_lengths().numpy()[1] == 0
-    assert tokenizer.detokenize(ids).numpy()[0].decode() == (
-        "in the beginning , god created .")
-    assert int(tf.reduce_max(ids.flat_values)) < tokenizer.vocab_size
-
-
-def test_vocabulary_is_learned_once_and_kept(text_splits, tmp_path):
-    config = lm_fixtures.small_config(text_splits)
-    pieces = data_lib.vocabulary(config.data, str(tmp_path))
-    assert pieces[:4] == list(text.RESERVED_TOKENS)
-    assert 100 < len(pieces) <= config.data.vocab_size
-    config.data.vocab_size = 200  # A later run reads the saved file.
-    assert data_lib.vocabulary(config.data, str(tmp_path)) == pieces
 
 
 def test_paper_configs_have_the_papers_ops_per_timestep():

@@ -219,7 +219,7 @@ def small_config(paths, **model):
     config.data.pairs = ("en-es",)
     for (split, side), path in paths.items():
         config.data[f"{split}_{side}_path"] = path
-    config.data.vocab_size = 400
+    config.data.vocab_size = 700
     config.data.max_len = 120
     config.data.tokens_per_batch = 800
     config.data.shuffle_buffer = 1000
@@ -275,8 +275,8 @@ def test_empty_and_long_pairs_are_counted_not_lost(pair_files, tmp_path):
     target.write_text("en el principio\nnada\nlargo\n\n")
     config.data.valid_source_path = str(source)
     config.data.valid_target_path = str(target)
-    pieces = data_lib.vocabulary(config.data, str(tmp_path / "work"))
-    tokenizer = text.Tokenizer(pieces, lower_case=False)
+    tokenizer = text.Tokenizer(
+        data_lib.text_model(config.data, str(tmp_path / "work")))
     kept, counts = data_lib.eval_pairs(config.data, tokenizer, "valid")
     assert counts == {"pairs": 4, "empty": 2, "too_long": 1}
     assert [p["target"] for p in kept.as_numpy_iterator()] == [
@@ -290,9 +290,11 @@ def test_examples_carry_the_target_language_token(tmp_path):
     config.data.vocab_sentences = 2000
     config.data.tokens_per_batch = 2000
     config.data.shuffle_buffer = 10
-    pieces = data_lib.vocabulary(config.data, str(tmp_path))
-    assert pieces[4:6] == ["<2en>", "<2es>"]
-    tokenizer = text.Tokenizer(pieces, lower_case=False, num_reserved=6)
+    tokenizer = text.Tokenizer(data_lib.text_model(config.data,
+                                                   str(tmp_path)))
+    assert [tokenizer.piece_id("<2en>"), tokenizer.piece_id("<2es>")] == [
+        4, 5]
+    assert tokenizer.num_reserved == 6
     batch = next(iter(data_lib.train_batches(config.data, tokenizer, 4, 0)))
     tags = batch["source"][:, 0].numpy()
     # The directions take turns: both targets in one batch.

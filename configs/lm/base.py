@@ -21,7 +21,7 @@ def base_config():
     data.valid_path = ""
     data.test_path = ""
     data.tfds_data_dir = ""  # For source "lm1b" (tfds's default if empty).
-    data.vocab_size = 32000  # WordPiece pieces learned from train.
+    data.vocab_size = 32000  # SentencePiece pieces learned from train.
     data.vocab_sentences = 1_000_000  # Train sentences the vocab is learned on.
     data.max_len = 128  # Longer sentences (in pieces) are left out.
     data.tokens_per_batch = 8192  # Padded tokens per global batch.

@@ -33,7 +33,7 @@ def base_config():
     data.test_source_path = ""
     data.test_target_path = ""
     data.tfds_data_dir = ""  # For source "wmt14" (tfds's default if empty).
-    data.vocab_size = 32000  # Shared WordPiece pieces learned from train.
+    data.vocab_size = 32000  # Shared SentencePiece pieces learned from train.
     data.vocab_sentences = 1_000_000  # Sentences (both sides) it learns on.
     data.max_len = 128  # Pairs with a longer side (in pieces) are left out.
     data.tokens_per_batch = 8192  # Padded tokens per global batch (a side).

@@ -1,128 +1,222 @@
-"""Subword text for the trainers: a WordPiece vocabulary and its tokenizer.
+"""Subword text for the trainers: a SentencePiece model and its tokenizer.
 
-The vocabulary is learned from training text with tensorflow-text's own
-learner (`bert_vocab_from_dataset`) and saved one piece per line. The
-tokenizer is tensorflow-text's `BertTokenizer` over an in-graph table, so the
-same ops run in the tf.data pipeline and inside an exported SavedModel (which
-then needs `import tensorflow_text` for its ops, and nothing else).
+The model is learned from training text with the `sentencepiece` package (a
+unigram model) and saved as its serialized proto. The tokenizer is
+tensorflow-text's `SentencepieceTokenizer`, so the same ops run in the
+tf.data pipeline and inside an exported SavedModel (which then needs
+`import tensorflow_text` for its ops, and nothing else).
 
-Words are what BERT's basic tokenizer splits on (whitespace and punctuation,
-as the 1 Billion Word benchmark is tokenized); per-word perplexity counts
-them, plus one end of sentence per sentence.
+The text is reversible: `detokenize(tokenize(s)) == s` for any string. The
+model keeps case, accents and every space (no normalization, no collapsing
+of runs of spaces), and a character it has no piece for is spelled in
+UTF-8 byte pieces (byte fallback) rather than lost to `[UNK]`.
+
+Words, the per-word perplexity's denominator, are counted as the 1 Billion
+Word benchmark's text is tokenized (and as BERT's basic tokenizer splits):
+runs of other characters between whitespace, with each punctuation mark a
+word of its own.
 """
 
 import os
 
+import sentencepiece
 import tensorflow as tf
 import tensorflow_text as tf_text
-from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset
 
 PAD, UNK, BOS, EOS = "[PAD]", "[UNK]", "[BOS]", "[EOS]"
 RESERVED_TOKENS = (PAD, UNK, BOS, EOS)
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
-_SUFFIX = "##"
+BYTE_PIECES = 256  # One per byte value, for byte fallback.
+MODEL_FILE = "sentencepiece.model"
+_WORDPIECE_FILE = "vocab.txt"  # What workdirs before SentencePiece hold.
+
+# ASCII punctuation and symbols, and Unicode punctuation: each is a word.
+_PUNCTUATION = r"[!-/:-@\[-`{-~]|\pP"
 
 
-def learn_vocabulary(sentences, vocab_size, extra_reserved=(),
-                     lower_case=True):
-    """Learns a WordPiece vocabulary from a dataset of strings.
+def minimum_vocab_size(extra_reserved=()):
+    """The smallest `vocab_size` that leaves room for learned pieces: the
+    reserved tokens, the byte pieces and one more."""
+    return len(RESERVED_TOKENS) + len(extra_reserved) + BYTE_PIECES + 1
+
+
+def learn_model(sentences, vocab_size, extra_reserved=()):
+    """Learns a SentencePiece unigram model from a dataset of strings.
 
     Args:
         sentences: a `tf.data.Dataset` of scalar strings.
-        vocab_size: the target size; the learner may return fewer pieces.
+        vocab_size: the target size; a small corpus may give fewer pieces.
         extra_reserved: more reserved tokens (e.g. target-language tags),
-            placed after `RESERVED_TOKENS`.
-        lower_case: lower-case (and strip accents, as BERT's tokenizer
-            does) first; a translation model's output keeps both.
+            ids right after `RESERVED_TOKENS`. They are control symbols:
+            text never tokenizes to them, and detokenizing drops them.
     Returns:
-        The pieces, reserved tokens first (`[PAD]` has id 0).
+        The serialized model proto (bytes).
     """
-    reserved = list(RESERVED_TOKENS) + list(extra_reserved)
-    return bert_vocab_from_dataset.bert_vocab_from_dataset(
-        sentences.batch(1024).prefetch(2),
-        vocab_size=vocab_size,
-        reserved_tokens=reserved,
-        bert_tokenizer_params=dict(lower_case=lower_case),
-        learn_params={})
-
-
-def save_vocabulary(pieces, path):
-    with tf.io.gfile.GFile(path, "w") as f:
-        f.write("".join(piece + "\n" for piece in pieces))
-
-
-def load_vocabulary(path):
-    with tf.io.gfile.GFile(path) as f:
-        pieces = f.read().splitlines()
-    if list(pieces[:len(RESERVED_TOKENS)]) != list(RESERVED_TOKENS):
+    if vocab_size < minimum_vocab_size(extra_reserved):
         raise ValueError(
-            f"{path} is not a tf_moe vocabulary: it must start with "
-            f"{RESERVED_TOKENS}, got {pieces[:len(RESERVED_TOKENS)]}.")
-    return pieces
+            f"vocab_size must be at least {minimum_vocab_size(extra_reserved)}"
+            f" ({len(RESERVED_TOKENS) + len(extra_reserved)} reserved tokens, "
+            f"{BYTE_PIECES} byte pieces and one learned piece), got "
+            f"{vocab_size}.")
+    model = _BytesWriter()
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=(_with_prefix(s.decode("utf-8"))
+                               for s in sentences.as_numpy_iterator()),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
+            control_symbols=list(extra_reserved),
+            byte_fallback=True,
+            # Reversible: no normalization, every space kept. The dummy
+            # prefix is added by the tokenizer itself (see `_with_prefix`).
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            split_digits=True,
+            hard_vocab_limit=False,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2)
+    except RuntimeError as error:
+        raise ValueError(f"SentencePiece could not learn a model of "
+                         f"vocab_size={vocab_size}: {error}") from error
+    return model.getvalue()
 
 
-def vocabulary_for(workdir, sentences, vocab_size, extra_reserved=(),
-                   lower_case=True):
-    """The workdir's `vocab.txt`, learned from `sentences` on the first run.
+class _BytesWriter:
+    """What `SentencePieceTrainer.train(model_writer=)` writes to."""
+
+    def __init__(self):
+        self._parts = []
+
+    def write(self, data):
+        self._parts.append(data)
+
+    def getvalue(self):
+        return b"".join(self._parts)
+
+
+def _with_prefix(sentence):
+    """A sentence as the model sees it: with one space in front, so that
+    its first word is tokenized as the words after a space are.
+
+    SentencePiece's own `add_dummy_prefix` does the same, but
+    tensorflow-text's decoder then drops all of a sentence's leading spaces,
+    not just the one it added; the tokenizer adds and removes its own."""
+    return " " + sentence
+
+
+def save_model(model_proto, path):
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(model_proto)
+
+
+def load_model(path):
+    with tf.io.gfile.GFile(path, "rb") as f:
+        model_proto = f.read()
+    processor = sentencepiece.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(model_proto)
+    except RuntimeError as error:
+        raise ValueError(f"{path} is not a SentencePiece model: "
+                         f"{error}") from error
+    pieces = [processor.IdToPiece(i) for i in range(len(RESERVED_TOKENS))]
+    if pieces != list(RESERVED_TOKENS):
+        raise ValueError(
+            f"{path} is not a tf_moe text model: its first pieces must be "
+            f"{RESERVED_TOKENS}, got {pieces}.")
+    return model_proto
+
+
+def model_for(workdir, sentences, vocab_size, extra_reserved=()):
+    """The workdir's `sentencepiece.model`, learned from `sentences` on the
+    first run.
 
     Learning is deterministic, but a resumed run must tokenize exactly as
     the run that wrote its checkpoints did, so the file is the source of
     truth once written.
     """
-    path = os.path.join(workdir, "vocab.txt")
+    path = os.path.join(workdir, MODEL_FILE)
     if tf.io.gfile.exists(path):
-        return load_vocabulary(path)
-    pieces = learn_vocabulary(sentences, vocab_size, extra_reserved,
-                              lower_case)
+        return load_model(path)
+    if tf.io.gfile.exists(os.path.join(workdir, _WORDPIECE_FILE)):
+        raise ValueError(
+            f"{workdir} holds a WordPiece vocabulary ({_WORDPIECE_FILE}) of "
+            f"an earlier tf_moe, whose checkpoints this version cannot "
+            f"tokenize for; start a new workdir.")
+    model_proto = learn_model(sentences, vocab_size, extra_reserved)
     tf.io.gfile.makedirs(workdir)
-    save_vocabulary(pieces, path)
-    return pieces
+    save_model(model_proto, path)
+    return model_proto
+
+
+def count_words(sentences):
+    """`[batch]` strings -> `[batch]` int32 words (whitespace-separated
+    runs, each punctuation mark a word)."""
+    words = tf_text.regex_split(sentences, r"\s+|" + _PUNCTUATION,
+                                _PUNCTUATION)
+    return tf.cast(words.row_lengths(), tf.int32)
 
 
 class Tokenizer(tf.Module):
-    """Raw strings to WordPiece ids and back, all TensorFlow ops.
+    """Raw strings to subword ids and back, all TensorFlow ops.
 
     Args:
-        pieces: the vocabulary (`RESERVED_TOKENS` first).
-        lower_case: as the vocabulary was learned.
+        model_proto: a serialized SentencePiece model (`learn_model`).
+    Attributes:
+        vocab_size: the model's pieces.
         num_reserved: the reserved tokens at the vocabulary's start
             (`RESERVED_TOKENS` and any extra), which `detokenize` drops.
     """
 
-    def __init__(self, pieces, lower_case=True,
-                 num_reserved=len(RESERVED_TOKENS), name=None):
+    def __init__(self, model_proto, name=None):
         super().__init__(name=name)
-        self.pieces = tf.constant(list(pieces))
-        self.vocab_size = len(pieces)
-        self.num_reserved = num_reserved
-        table = tf.lookup.StaticVocabularyTable(
-            tf.lookup.KeyValueTensorInitializer(
-                self.pieces, tf.range(self.vocab_size, dtype=tf.int64)),
-            num_oov_buckets=1)
-        self._table = table
-        self._bert = tf_text.BertTokenizer(
-            table, suffix_indicator=_SUFFIX, unknown_token=UNK,
-            lower_case=lower_case, token_out_type=tf.int64)
+        processor = sentencepiece.SentencePieceProcessor()
+        processor.LoadFromSerializedProto(model_proto)
+        self._processor = processor
+        self.vocab_size = processor.GetPieceSize()
+        self.num_reserved = len(RESERVED_TOKENS)
+        while processor.IsControl(self.num_reserved):
+            self.num_reserved += 1
+        self._model_proto = model_proto
+
+    def _sentencepiece(self):
+        """tensorflow-text's tokenizer, made anew in each graph and eager
+        call. Its model is a resource owned by the kernel that created it,
+        and `tf.random.set_seed` (which Keras's `set_random_seed` calls)
+        clears eager kernels: a tokenizer made once would lose its model.
+        Made per graph, the kernel lives with the graph; in eager, the
+        cached kernel is found again, or made anew after a clear."""
+        return tf_text.SentencepieceTokenizer(model=self._model_proto,
+                                              out_type=tf.int32)
+
+    def piece_id(self, piece):
+        """The id of `piece` (a reserved token, say); KeyError if the model
+        has none."""
+        piece_id = self._processor.PieceToId(piece)
+        if self._processor.IdToPiece(piece_id) != piece:
+            raise KeyError(f"the text model has no piece {piece!r}.")
+        return piece_id
 
     def tokenize(self, sentences):
         """`[batch]` strings -> ids `[batch, (pieces)]` int32 (ragged) and
-        words `[batch]` int32 (whitespace- and punctuation-split words)."""
-        by_word = self._bert.tokenize(sentences)  # [batch, (words), (pieces)]
-        ids = tf.cast(by_word.merge_dims(-2, -1), tf.int32)
-        # An out-of-vocabulary piece lands in the one OOV bucket.
-        ids = tf.ragged.map_flat_values(
-            lambda flat: tf.where(flat >= self.vocab_size, UNK_ID, flat), ids)
-        return ids, tf.cast(by_word.row_lengths(axis=1), tf.int32)
+        words `[batch]` int32 (`count_words`)."""
+        # The empty string stays empty: no ids, not a lone space's.
+        prefixed = tf.where(tf.strings.length(sentences) > 0,
+                            tf.strings.join([_with_prefix(""), sentences]),
+                            sentences)
+        return (self._sentencepiece().tokenize(prefixed),
+                count_words(sentences))
 
     def detokenize(self, ids):
         """ids `[batch, length]` (dense, or ragged) -> `[batch]` strings.
 
-        Reserved tokens are dropped; pieces are joined into words ("##"
-        continues a word) and words by single spaces.
-        """
+        Reserved tokens (padding, ends of sentence, language tags) are
+        dropped."""
         if not isinstance(ids, tf.RaggedTensor):
             ids = tf.RaggedTensor.from_tensor(ids)
         ids = tf.ragged.boolean_mask(ids, ids >= self.num_reserved)
-        pieces = tf.gather(self.pieces, ids)
-        joined = tf.strings.reduce_join(pieces, axis=-1, separator=" ")
-        return tf.strings.regex_replace(joined, " " + _SUFFIX, "")
+        prefixed = self._sentencepiece().detokenize(ids)
+        return tf.strings.regex_replace(prefixed, "^" + _with_prefix(""), "")

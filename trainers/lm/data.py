@@ -141,11 +141,12 @@ def eval_batches(data, tokenizer, split, multiple=1):
 
 
 def vocabulary_sentences(data):
-    """The training sentences the vocabulary is learned from (at most
+    """The training sentences the text model is learned from (at most
     `config.data.vocab_sentences` of them)."""
     return sentences(data, "train").take(data.vocab_sentences)
 
 
-def vocabulary(data, workdir):
-    return text.vocabulary_for(workdir, vocabulary_sentences(data),
-                               data.vocab_size)
+def text_model(data, workdir):
+    """The workdir's SentencePiece model (`text.model_for`), serialized."""
+    return text.model_for(workdir, vocabulary_sentences(data),
+                          data.vocab_size)

@@ -45,7 +45,7 @@ class LanguageModelRun(loop.TrainingRun):
             source=config.data.source))
 
         self.tokenizer = text.Tokenizer(
-            data_lib.vocabulary(config.data, workdir))
+            data_lib.text_model(config.data, workdir))
         models = self.build_training(
             lambda: dict(zip(("body", "softmax"),
                              model_lib.build_language_model(

@@ -200,10 +200,11 @@ def vocabulary_sentences(data):
     return both.take(data.vocab_sentences)
 
 
-def vocabulary(data, workdir):
-    return text.vocabulary_for(workdir, vocabulary_sentences(data),
-                               data.vocab_size, reserved_tokens(data),
-                               lower_case=False)
+def text_model(data, workdir):
+    """The workdir's shared SentencePiece model (`text.model_for`, the
+    language tokens reserved), serialized."""
+    return text.model_for(workdir, vocabulary_sentences(data),
+                          data.vocab_size, reserved_tokens(data))
 
 
 def tokenized(ds, tokenizer, batch=256):

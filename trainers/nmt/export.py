@@ -21,13 +21,6 @@ from trainers.common import text
 from trainers.nmt import beam_search as beam_search_lib
 
 
-def _join_punctuation(sentences):
-    """Undoes the tokenizer's split around punctuation that attaches to a
-    word ("God , " -> "God, ", "¿ Qué" -> "¿Qué")."""
-    sentences = tf.strings.regex_replace(sentences, r" ([.,;:!?)\]])", r"\1")
-    return tf.strings.regex_replace(sentences, r"([(\[¿¡]) ", r"\1")
-
-
 class Translator(tf.Module):
     """Tokenizer, model and decoding settings, with the serving functions.
 
@@ -102,7 +95,7 @@ class Translator(tf.Module):
         ids = tf.RaggedTensor.from_tensor(ids)
         ids = tf.ragged.boolean_mask(ids, tf.math.cumsum(
             tf.cast(ids == text.EOS_ID, tf.int32), axis=1) == 0)
-        return _join_punctuation(self.tokenizer.detokenize(ids))
+        return self.tokenizer.detokenize(ids)
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
     def translate(self, sources):

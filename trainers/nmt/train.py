@@ -43,12 +43,10 @@ class TranslationRun(loop.TrainingRun):
             source=config.data.source, pairs=list(config.data.pairs)))
 
         self.languages = data_lib.target_languages(config.data)
-        pieces = data_lib.vocabulary(config.data, workdir)
-        self.first_tag_id = pieces.index(
-            data_lib.language_token(self.languages[0]))
         self.tokenizer = text.Tokenizer(
-            pieces, lower_case=False,
-            num_reserved=self.first_tag_id + len(self.languages))
+            data_lib.text_model(config.data, workdir))
+        self.first_tag_id = self.tokenizer.piece_id(
+            data_lib.language_token(self.languages[0]))
         self.model = self.build_training(
             lambda: {"model": self._build_model()},
             lambda: data_lib.train_batches(config.data, self.tokenizer,

@@ -18,6 +18,7 @@ HARD_STRINGS = [
     "  leading and trailing spaces  ",
     "¿Qué? ¡Sí! «Oui», „Ja“ — 42.5%, 1,000,000 & <b>x</b>",
     "日本語のテキスト, emoji 🙂.",
+    "Unnormalized: ﬁ ½ Ａ e\u0301 \u00a0.",  # NFKC would change each.
     " ",
     "",
 ]
@@ -160,3 +161,14 @@ def test_tokenizer_survives_a_seed_reset(tokenizer):
     ids = next(iter(tokenized))
     assert [s.decode() for s in tokenizer.detokenize(ids).numpy()] == \
         HARD_STRINGS[:2]
+
+
+def test_loading_the_model_logs_nothing(tokenizer, capfd):
+    """Each graph that tokenizes loads the model in C++; SentencePiece
+    logs there unless the model has a normalization rule."""
+    @tf.function
+    def tokenize(sentences):
+        return tokenizer.tokenize(sentences)[0].flat_values
+
+    tokenize(tf.constant(["Amen."]))
+    assert "precompiled_charsmap" not in capfd.readouterr().err

@@ -6,10 +6,11 @@ tensorflow-text's `SentencepieceTokenizer`, so the same ops run in the
 tf.data pipeline and inside an exported SavedModel (which then needs
 `import tensorflow_text` for its ops, and nothing else).
 
-The text is reversible: `detokenize(tokenize(s)) == s` for any string. The
-model keeps case, accents and every space (no normalization, no collapsing
-of runs of spaces), and a character it has no piece for is spelled in
-UTF-8 byte pieces (byte fallback) rather than lost to `[UNK]`.
+The text is reversible: `detokenize(tokenize(s)) == s` for any string
+without U+FFFF (see `_NORMALIZATION_RULES`). The model keeps case, accents
+and every space (no Unicode normalization, no collapsing of runs of
+spaces), and a character it has no piece for is spelled in UTF-8 byte
+pieces (byte fallback) rather than lost to `[UNK]`.
 
 Words, the per-word perplexity's denominator, are counted as the 1 Billion
 Word benchmark's text is tokenized (and as BERT's basic tokenizer splits):
@@ -17,7 +18,9 @@ runs of other characters between whitespace, with each punctuation mark a
 word of its own.
 """
 
+import io
 import os
+import tempfile
 
 import sentencepiece
 import tensorflow as tf
@@ -29,6 +32,12 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(len(RESERVED_TOKENS))
 BYTE_PIECES = 256  # One per byte value, for byte fallback.
 MODEL_FILE = "sentencepiece.model"
 _WORDPIECE_FILE = "vocab.txt"  # What workdirs before SentencePiece hold.
+
+# The model's one normalization rule: U+FFFF, a noncharacter that Unicode
+# keeps out of interchange, becomes U+FFFD. Any rule would do; with none
+# (SentencePiece's "identity"), tensorflow-text's tokenizer logs
+# "precompiled_charsmap is empty" to stderr each time it loads the model.
+_NORMALIZATION_RULES = "FFFF\tFFFD\n"
 
 # ASCII punctuation and symbols, and Unicode punctuation: each is a word.
 _PUNCTUATION = r"[!-/:-@\[-`{-~]|\pP"
@@ -58,8 +67,11 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
             f" ({len(RESERVED_TOKENS) + len(extra_reserved)} reserved tokens, "
             f"{BYTE_PIECES} byte pieces and one learned piece), got "
             f"{vocab_size}.")
-    model = _BytesWriter()
+    model = io.BytesIO()
+    rules = tempfile.NamedTemporaryFile("w", suffix=".tsv", delete=False)
     try:
+        rules.write(_NORMALIZATION_RULES)
+        rules.close()
         sentencepiece.SentencePieceTrainer.train(
             sentence_iterator=(_with_prefix(s.decode("utf-8"))
                                for s in sentences.as_numpy_iterator()),
@@ -70,9 +82,10 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
             pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
             control_symbols=list(extra_reserved),
             byte_fallback=True,
-            # Reversible: no normalization, every space kept. The dummy
-            # prefix is added by the tokenizer itself (see `_with_prefix`).
-            normalization_rule_name="identity",
+            # Reversible: no normalization but `_NORMALIZATION_RULES`',
+            # every space kept. The dummy prefix is added by the tokenizer
+            # itself (see `_with_prefix`).
+            normalization_rule_tsv=rules.name,
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
             split_digits=True,
@@ -82,20 +95,9 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
     except RuntimeError as error:
         raise ValueError(f"SentencePiece could not learn a model of "
                          f"vocab_size={vocab_size}: {error}") from error
+    finally:
+        os.remove(rules.name)
     return model.getvalue()
-
-
-class _BytesWriter:
-    """What `SentencePieceTrainer.train(model_writer=)` writes to."""
-
-    def __init__(self):
-        self._parts = []
-
-    def write(self, data):
-        self._parts.append(data)
-
-    def getvalue(self):
-        return b"".join(self._parts)
 
 
 def _with_prefix(sentence):

@@ -10,7 +10,9 @@ trains each `configs/lm/table7.py:<model>,cpu` config, evaluates valid
 perplexity per word, and prints a markdown table: model, parameters (without
 embedding and softmax), ops per timestep, valid perplexity per word,
 training tokens/s. The plot shows perplexity against the number of experts
-(baselines as horizontal lines).
+(baselines as horizontal lines). With `--eval_every=N --curves=PATH.png`,
+each model is evaluated every N steps too, and the curves plot valid
+perplexity against training tokens (JSON: each row's `learning_curve`).
 
 Table 6, the balancing losses' weights on MoE-256 (CPU scale):
 
@@ -61,8 +63,14 @@ _EVERY_OTHER = flags.DEFINE_bool(
     "every_other", False, "Transformer table: MoE in every other block.")
 _STEPS = flags.DEFINE_integer("steps", 0,
                               "Training steps (0: the config's, 1000).")
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", 0, "Evaluate valid every this many steps too, for the "
+    "learning curves (0: at the end only).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
+_CURVES = flags.DEFINE_string(
+    "curves", "", "PNG plot of valid perplexity against training tokens, "
+    "one line per model (with --eval_every).")
 
 _EXPERTS = dict(table7.FLAT, **table7.HIERARCHICAL)
 # The paper's Table 6: (w_importance, w_load).
@@ -91,6 +99,7 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
     config = _cpu_config(name)
     if steps:
         config.train.steps = steps
+    config.train.eval_every = _EVAL_EVERY.value
     config.model.update(model_overrides)
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
@@ -108,7 +117,33 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
         # Real (unpadded) tokens per second of the whole train() call,
         # the final evaluation included.
         tokens_per_second=run.trained_tokens / seconds,
-        routing=result["routing"])
+        routing=result["routing"],
+        learning_curve=[dict(step=point["step"],
+                             trained_tokens=point["trained_tokens"],
+                             valid_perplexity_per_word=point[
+                                 "perplexity_per_word"])
+                        for point in run.learning_curve])
+
+
+def plot_curves(rows, path):
+    """Valid perplexity per word against training tokens, a line a model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in rows:
+        curve = row["learning_curve"]
+        axes.plot([point["trained_tokens"] / 1e6 for point in curve],
+                  [point["valid_perplexity_per_word"] for point in curve],
+                  "o-" if row["model"] in _EXPERTS else "s:",
+                  markersize=3, label=row["model"])
+    axes.set_yscale("log")
+    axes.set_xlabel("training tokens (millions)")
+    axes.set_ylabel("valid perplexity per word")
+    axes.set_title("Learning curves (matched ops/timestep)")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
 
 
 def plot(rows, path):
@@ -206,9 +241,13 @@ def main(argv):
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(table=_TABLE.value, every_other=_EVERY_OTHER.value,
-                           steps=_STEPS.value or 1000, rows=rows), f, indent=2)
+                           steps=_STEPS.value or 1000,
+                           eval_every=_EVAL_EVERY.value, rows=rows),
+                      f, indent=2)
     if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)
+    if _CURVES.value:
+        plot_curves(rows, _CURVES.value)
     shutil.rmtree(root, ignore_errors=True)
 
 

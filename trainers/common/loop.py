@@ -84,7 +84,8 @@ class TrainingRun(abc.ABC):
 
         Sets `models`, `schedule`, `optimizer` (Adam with global norm
         clipping), `step`, `train_iterator`, `checkpoints`, `restored_from`
-        (the checkpoint restored, or None) and `trained_tokens`.
+        (the checkpoint restored, or None), `trained_tokens` and
+        `learning_curve`.
         """
         train = self.config.train
         keras.utils.set_random_seed(self.config.seed)
@@ -107,6 +108,8 @@ class TrainingRun(abc.ABC):
             rng=checkpoints_lib.random_states(*self.models), **models)
         self.restored_from = self.checkpoints.restore()
         self.trained_tokens = 0.0  # Target tokens trained on by train().
+        # train()'s evaluations on valid, each with `trained_tokens` then.
+        self.learning_curve = []
         return models
 
     @abc.abstractmethod
@@ -176,8 +179,14 @@ class TrainingRun(abc.ABC):
                     self.checkpoints.save()
                 if config.eval_every and step % config.eval_every == 0 \
                         and step != config.steps:
-                    self.evaluate("valid", writer=writer)
-        return self.evaluate("valid", writer=writer)
+                    self._evaluate_valid(writer)
+        return self._evaluate_valid(writer)
+
+    def _evaluate_valid(self, writer):
+        result = self.evaluate("valid", writer=writer)
+        self.learning_curve.append(
+            dict(result, trained_tokens=self.trained_tokens))
+        return result
 
     def _report(self, step, window, progress, writer):
         loss = window.nll_per_token + window.balancing_loss

@@ -33,6 +33,7 @@ setup(
         "dev": [
             "pytest",
             "scipy",
+            "matplotlib",  # bench/bench_lm.py's plots
             "keras-hub==0.32.*",  # tests/test_keras_hub.py
         ],
     },

@@ -228,6 +228,8 @@ def print_table6(rows):
 
 def main(argv):
     del argv
+    if _PLOT.value or _CURVES.value:
+        import matplotlib  # noqa: F401  Fails now, not after the training.
     root = tempfile.mkdtemp(prefix="bench_lm_")
     if _TABLE.value == "7":
         rows = family_rows(root, table7.MODELS)

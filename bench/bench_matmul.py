@@ -1,14 +1,23 @@
-"""Why the experts run as they do: batched matmul shapes on this CPU.
+"""Why the experts run as they do: each product's kernels on this CPU.
 
     python bench/bench_matmul.py [--experts=256] [--rows=128]
+    python bench/bench_matmul.py --experts=16 --rows=2048 \
+        --output=bench/results/matmul_16.json
 
-Times, for the same FLOPs, the forward product of E experts' `[C, 512] x
-[512, 1024]` as one `MatMul` of all rows against one weight (the speed the
-hardware gives), as one batched matmul over E with TensorFlow's kernel and
-compiled by XLA (what tf_moe/experts.py runs), then the weight gradient
-`x^T @ dy` and the input gradient `dy @ W^T` (TensorFlow's kernel in both
-orders, and XLA). Prints a markdown table and writes JSON
-(bench/results/matmul.json by default).
+Times, for E experts of `[C, d] x [d, h]` (one shard, float32):
+- one `MatMul` of all E*C rows against one weight: the speed the hardware
+  gives these FLOPs;
+- each of the three products (forward `x @ W`, weight gradient `x^T @ dy`,
+  input gradient `dy @ W^T`) with every candidate of
+  `tf_moe.kernels.CANDIDATES` that applies: what the layer chooses among;
+- the same products as `tf.einsum` (what several shards, a mesh, run);
+- the overflow experts' weight gradient (`tf_moe/matmul.py`, E/2 experts)
+  added into the main one in place (`InplaceAdd`, what tf_moe runs) and by
+  `tensor_scatter_nd_add` (which copies all of `[E, d, h]` first).
+
+Each figure is the median of 5 calls after a warm-up, of a function that
+returns the product's sum (no copy of the result). Prints a markdown table
+and writes JSON (bench/results/matmul.json by default).
 """
 
 import argparse
@@ -21,22 +30,65 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from tf_moe import kernels  # noqa: E402
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
+EINSUMS = {"forward": "eca,eab->ecb", "weight_gradient": "eca,ecb->eab",
+           "input_gradient": "ecb,eab->eca"}
 
-def _median_seconds(fn, *args, steps=5):
+
+def _median_seconds(fn, *args, calls=5):
     fn(*args).numpy()
     times = []
-    for _ in range(steps):
+    for _ in range(calls):
         start = time.perf_counter()
         fn(*args).numpy()
         times.append(time.perf_counter() - start)
     return float(np.median(times))
 
 
-def _summed(product, jit_compile=False):
-    return tf.function(lambda a, b: tf.reduce_sum(product(a, b)),
-                       jit_compile=jit_compile)
+def _summed(product):
+    return tf.function(lambda *args: tf.reduce_sum(product(*args)))
+
+
+def product_timings(experts, rows, model_dim, hidden_size):
+    """`{row name: seconds}`, in the table's order."""
+    rng = np.random.default_rng(0)
+
+    def normal(*shape):
+        return tf.constant(rng.standard_normal(shape, np.float32))
+
+    x = normal(1, experts, rows, model_dim)
+    w = normal(experts, model_dim, hidden_size)
+    dy = normal(1, experts, rows, hidden_size)
+    operands = {"forward": (x, w), "weight_gradient": (x, dy),
+                "input_gradient": (dy, w)}
+    seconds = {"one MatMul of all rows": _median_seconds(
+        _summed(tf.matmul), tf.reshape(x, [-1, model_dim]), w[0])}
+    for product, candidates in kernels.CANDIDATES.items():
+        left, right = operands[product]
+        for name, candidate in candidates.items():
+            if name == "per_expert" and \
+                    experts > kernels.PER_EXPERT_MAX_EXPERTS:
+                continue
+            seconds[f"{product}, {name}"] = _median_seconds(
+                _summed(candidate), left, right)
+        einsum = EINSUMS[product]
+        seconds[f"{product}, einsum"] = _median_seconds(
+            _summed(lambda a, b, e=einsum: tf.einsum(e, a, b)),
+            tf.squeeze(left, 0), right if right.shape.rank == 3
+            else tf.squeeze(right, 0))
+    overflow = tf.range(0, experts, 2)
+    main = normal(experts, model_dim, hidden_size)
+    update = normal(len(overflow), model_dim, hidden_size)
+    seconds["overflow weight gradient, InplaceAdd"] = _median_seconds(
+        _summed(lambda m, v: tf.raw_ops.InplaceAdd(x=m * 1.0, i=overflow,
+                                                   v=v)), main, update)
+    seconds["overflow weight gradient, tensor_scatter_nd_add"] = \
+        _median_seconds(_summed(lambda m, v: tf.tensor_scatter_nd_add(
+            m * 1.0, overflow[:, None], v)), main, update)
+    return seconds
 
 
 def main():
@@ -48,46 +100,21 @@ def main():
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "matmul.json"))
     args = parser.parse_args()
+    seconds = product_timings(args.experts, args.rows, args.model_dim,
+                              args.hidden_size)
+    base = seconds["one MatMul of all rows"]
     e, c, d, h = args.experts, args.rows, args.model_dim, args.hidden_size
-    x = tf.random.normal((e, c, d))
-    w = tf.random.normal((e, d, h))
-    dy = tf.random.normal((e, c, h))
-
-    def forward(a, b):
-        return tf.matmul(a, b)
-
-    def weight_gradient(a, g):
-        return tf.matmul(a, g, transpose_a=True)
-
-    def input_gradient(g, v):
-        return tf.matmul(g, v, transpose_b=True)
-
-    def input_gradient_transposed(g, v):
-        return tf.transpose(tf.matmul(v, tf.transpose(g, [0, 2, 1])),
-                            [0, 2, 1])
-
-    results = {"one MatMul of all rows": _median_seconds(
-        _summed(forward), tf.reshape(x, [e * c, d]), w[0])}
-    for name, product, operands in [
-            ("forward x @ W", forward, (x, w)),
-            ("weight gradient x^T @ dy", weight_gradient, (x, dy)),
-            ("input gradient dy @ W^T", input_gradient, (dy, w))]:
-        results[name] = _median_seconds(_summed(product), *operands)
-        if product is input_gradient:
-            results["input gradient (W @ dy^T)^T"] = _median_seconds(
-                _summed(input_gradient_transposed), *operands)
-        results[name + ", XLA"] = _median_seconds(
-            _summed(product, jit_compile=True), *operands)
-
-    base = results["one MatMul of all rows"]
-    print(f"E={e} experts x [{c}, {d}] x [{d}, {h}] (forward FLOPs equal)\n")
-    print("| product | seconds | / one MatMul |")
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")
+    print(f"E={e} experts x [{c}, {d}] x [{d}, {h}], "
+          f"TF_ENABLE_ONEDNN_OPTS={onednn}\n")
+    print("| product, kernel | seconds | / one MatMul |")
     print("|---|---|---|")
-    for name, seconds in results.items():
-        print(f"| {name} | {seconds:.3f} | {seconds / base:.2f} |")
+    for name, value in seconds.items():
+        print(f"| {name} | {value:.3f} | {value / base:.2f} |")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
-        json.dump({"config": vars(args), "seconds": results}, f, indent=2)
+        json.dump({"config": vars(args), "onednn": onednn,
+                   "seconds": seconds}, f, indent=2)
     print(f"\nwrote {args.output}")
 
 

@@ -139,10 +139,18 @@ def test_training_lowers_perplexity_and_reports_it(text_splits, tmp_path,
     config.train.steps = 30
     config.train.learning_rate = 1e-2
     config.model.dropout = 0.0
+    config.train.eval_every = 15
     run = LanguageModelRun(config, str(tmp_path), Distribution())
     before = run.evaluate("valid")["perplexity_per_word"]
-    after = run.train()["perplexity_per_word"]
+    final = run.train()
+    after = final["perplexity_per_word"]
     assert after < 0.5 * before
+    # The learning curve: train()'s evaluations, with the tokens trained.
+    curve = run.learning_curve
+    assert [point["step"] for point in curve] == [15, 30]
+    assert 0 < curve[0]["trained_tokens"] < curve[1]["trained_tokens"]
+    assert curve[1]["trained_tokens"] == run.trained_tokens
+    assert curve[1]["perplexity_per_word"] == after
     out = capsys.readouterr().out
     assert "step 30/30 | loss" in out and "tok/s | ETA" in out
     losses = _losses(str(tmp_path))

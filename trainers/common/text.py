@@ -82,7 +82,7 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
             pad_piece=PAD, unk_piece=UNK, bos_piece=BOS, eos_piece=EOS,
             control_symbols=list(extra_reserved),
             byte_fallback=True,
-            # Reversible: no normalization but `_NORMALIZATION_RULES`',
+            # Reversible: no normalization but `_NORMALIZATION_RULES`,
             # every space kept. The dummy prefix is added by the tokenizer
             # itself (see `_with_prefix`).
             normalization_rule_tsv=rules.name,

@@ -79,6 +79,8 @@ def product_timings(experts, rows, model_dim, hidden_size):
             _summed(lambda a, b, e=einsum: tf.einsum(e, a, b)),
             tf.squeeze(left, 0), right if right.shape.rank == 3
             else tf.squeeze(right, 0))
+    # Both adds start from a fresh tensor (`m * 1.0`), as the main group's
+    # weight gradient is in the layer; that pass is in both figures.
     overflow = tf.range(0, experts, 2)
     main = normal(experts, model_dim, hidden_size)
     update = normal(len(overflow), model_dim, hidden_size)

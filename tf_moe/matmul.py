@@ -9,9 +9,9 @@ hierarchical layer for its group gates.
 The main group's three products (forward, weight and input gradients) run
 on the kernels `tf_moe.kernels` chooses for their shape: by measurement,
 among TensorFlow's batched kernel, XLA's and one MatMul per expert, since
-which is faster differs between machines. XLA compiles once per shape: E is fixed and the dispatch plan
-picks C from a few sizes per octave (`plan.bucket_capacity`), so the
-compiled kernels are reused. The overflow group's shapes change with every
+which is faster differs between machines. XLA compiles once per shape: E
+is fixed and the dispatch plan picks C from a few sizes per octave
+(`plan.bucket_capacity`), so the compiled kernels are reused. The overflow group's shapes change with every
 batch, so it stays on TensorFlow's kernels.
 """
 

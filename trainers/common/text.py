@@ -39,6 +39,13 @@ _WORDPIECE_FILE = "vocab.txt"  # What workdirs before SentencePiece hold.
 # "precompiled_charsmap is empty" to stderr each time it loads the model.
 _NORMALIZATION_RULES = "FFFF\tFFFD\n"
 
+# What the model sees in front of every non-empty sentence, so that its
+# first word is tokenized as the words after a space are. SentencePiece's
+# own `add_dummy_prefix` does the same, but tensorflow-text's decoder then
+# drops all of a sentence's leading spaces, not just the one it added; the
+# tokenizer adds and removes its own.
+_PREFIX = " "
+
 # ASCII punctuation and symbols, and Unicode punctuation: each is a word.
 _PUNCTUATION = r"[!-/:-@\[-`{-~]|\pP"
 
@@ -73,7 +80,7 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
         rules.write(_NORMALIZATION_RULES)
         rules.close()
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=(_with_prefix(s.decode("utf-8"))
+            sentence_iterator=(_PREFIX + s.decode("utf-8")
                                for s in sentences.as_numpy_iterator()),
             model_writer=model,
             vocab_size=vocab_size,
@@ -84,7 +91,7 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
             byte_fallback=True,
             # Reversible: no normalization but `_NORMALIZATION_RULES`,
             # every space kept. The dummy prefix is added by the tokenizer
-            # itself (see `_with_prefix`).
+            # itself (see `_PREFIX`).
             normalization_rule_tsv=rules.name,
             remove_extra_whitespaces=False,
             add_dummy_prefix=False,
@@ -98,16 +105,6 @@ def learn_model(sentences, vocab_size, extra_reserved=()):
     finally:
         os.remove(rules.name)
     return model.getvalue()
-
-
-def _with_prefix(sentence):
-    """A sentence as the model sees it: with one space in front, so that
-    its first word is tokenized as the words after a space are.
-
-    SentencePiece's own `add_dummy_prefix` does the same, but
-    tensorflow-text's decoder then drops all of a sentence's leading spaces,
-    not just the one it added; the tokenizer adds and removes its own."""
-    return " " + sentence
 
 
 def save_model(model_proto, path):
@@ -207,7 +204,7 @@ class Tokenizer(tf.Module):
         words `[batch]` int32 (`count_words`)."""
         # The empty string stays empty: no ids, not a lone space's.
         prefixed = tf.where(tf.strings.length(sentences) > 0,
-                            tf.strings.join([_with_prefix(""), sentences]),
+                            tf.strings.join([_PREFIX, sentences]),
                             sentences)
         return (self._sentencepiece().tokenize(prefixed),
                 count_words(sentences))
@@ -221,4 +218,4 @@ class Tokenizer(tf.Module):
             ids = tf.RaggedTensor.from_tensor(ids)
         ids = tf.ragged.boolean_mask(ids, ids >= self.num_reserved)
         prefixed = self._sentencepiece().detokenize(ids)
-        return tf.strings.regex_replace(prefixed, "^" + _with_prefix(""), "")
+        return tf.strings.regex_replace(prefixed, "^" + _PREFIX, "")

@@ -49,6 +49,7 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 
 import keras  # noqa: E402
 
+import curves  # noqa: E402
 from configs.lm import table7  # noqa: E402
 from configs.lm import transformer  # noqa: E402
 from trainers.common import text  # noqa: E402
@@ -127,23 +128,10 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
 
 def plot_curves(rows, path):
     """Valid perplexity per word against training tokens, a line a model."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for row in rows:
-        curve = row["learning_curve"]
-        axes.plot([point["trained_tokens"] / 1e6 for point in curve],
-                  [point["valid_perplexity_per_word"] for point in curve],
-                  "o-" if row["model"] in _EXPERTS else "s:",
-                  markersize=3, label=row["model"])
-    axes.set_yscale("log")
-    axes.set_xlabel("training tokens (millions)")
-    axes.set_ylabel("valid perplexity per word")
-    axes.set_title("Learning curves (matched ops/timestep)")
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    curves.plot_learning_curves(
+        rows, path, [("valid_perplexity_per_word", "valid perplexity per word",
+                      True)],
+        "Learning curves (matched ops/timestep)", lambda m: m in _EXPERTS)
 
 
 def plot(rows, path):

@@ -9,7 +9,9 @@ Trains each `configs/nmt/paper.py:<model>,cpu` config on the embedded
 English -> Spanish verses (one shared vocabulary), then prints a markdown
 table: model, parameters (without embeddings and softmax), ops per
 timestep, valid BLEU (sacrebleu, beam search), valid perplexity per token,
-training tokens/s.
+training tokens/s. With `--eval_every=N --curves=PATH.png`, each model is
+evaluated on valid (BLEU and perplexity) every N steps too, and the curves
+plot both against training tokens (JSON: each row's `learning_curve`).
 """
 
 import json
@@ -30,6 +32,7 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 
 import keras  # noqa: E402
 
+import curves  # noqa: E402
 from configs.nmt import paper  # noqa: E402
 from trainers.common import text  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
@@ -46,7 +49,13 @@ _VOCABULARY = flags.DEFINE_string(
     "vocabulary", "", "A sentencepiece.model to train every model with (e.g. "
     "the main job's, DIR/sentencepiece.model: the same 6,000-piece settings); "
     "by default the first model learns one and the others reuse it.")
+_EVAL_EVERY = flags.DEFINE_integer(
+    "eval_every", 0, "Evaluate valid every this many steps too, for the "
+    "learning curves (0: at the end only).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
+_CURVES = flags.DEFINE_string(
+    "curves", "", "PNG plot of valid BLEU and perplexity against training "
+    "tokens, one line per model (with --eval_every).")
 
 
 def train_one(name, workdir, vocabulary):
@@ -55,6 +64,7 @@ def train_one(name, workdir, vocabulary):
         config.train.steps = _STEPS.value
     if _BLEU_SENTENCES.value:
         config.decode.bleu_sentences = _BLEU_SENTENCES.value
+    config.train.eval_every = _EVAL_EVERY.value
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
         shutil.copy(vocabulary, os.path.join(workdir, text.MODEL_FILE))
@@ -71,11 +81,18 @@ def train_one(name, workdir, vocabulary):
         train_seconds=seconds,
         # Real (unpadded) target tokens per second of the whole train()
         # call, its closing evaluation included.
-        tokens_per_second=run.trained_tokens / seconds)
+        tokens_per_second=run.trained_tokens / seconds,
+        learning_curve=[dict(step=point["step"],
+                             trained_tokens=point["trained_tokens"],
+                             valid_bleu=point["bleu"],
+                             valid_perplexity=point["perplexity"])
+                        for point in run.learning_curve])
 
 
 def main(argv):
     del argv
+    if _CURVES.value:
+        import matplotlib  # noqa: F401  Fails now, not after the training.
     rows = []
     root = tempfile.mkdtemp(prefix="bench_nmt_")
     vocabulary = _VOCABULARY.value or None
@@ -92,7 +109,16 @@ def main(argv):
               f"{r['valid_perplexity']:.2f} | {r['tokens_per_second']:,.0f} |")
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
-            json.dump(dict(rows=rows), f, indent=2)
+            json.dump(dict(steps=_STEPS.value or 1500,
+                           eval_every=_EVAL_EVERY.value, rows=rows), f,
+                      indent=2)
+    if _CURVES.value:
+        curves.plot_learning_curves(
+            rows, _CURVES.value,
+            [("valid_bleu", "valid BLEU", False),
+             ("valid_perplexity", "valid perplexity per token", True)],
+            "Translation learning curves (matched ops/timestep)",
+            lambda model: model != paper.BASELINE)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,0 +1,38 @@
+"""Learning-curve plots for the trainer benchmarks (bench_lm, bench_nmt).
+
+Each row is one model's result: `row["model"]` and `row["learning_curve"]`,
+a list of evaluations, each with `trained_tokens` and the plotted metrics.
+"""
+
+
+def plot_learning_curves(rows, path, panels, title, is_moe):
+    """Writes a PNG to `path`: one panel per metric, one line per model.
+
+    Args:
+        rows: the models' result dicts (see the module docstring).
+        path: the PNG file.
+        panels: `(metric key, y-axis label, log scale)` per panel.
+        title: the figure's title.
+        is_moe: `is_moe(model name)`; MoE models are drawn as solid lines
+            with dots, dense baselines dotted with squares.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(1, len(panels), squeeze=False,
+                                figsize=(6 * len(panels), 4))
+    for axis, (metric, label, log_scale) in zip(axes[0], panels):
+        for row in rows:
+            curve = row["learning_curve"]
+            axis.plot([point["trained_tokens"] / 1e6 for point in curve],
+                      [point[metric] for point in curve],
+                      "o-" if is_moe(row["model"]) else "s:",
+                      markersize=3, label=row["model"])
+        if log_scale:
+            axis.set_yscale("log")
+        axis.set_xlabel("training tokens (millions)")
+        axis.set_ylabel(label)
+        axis.legend(fontsize=7)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)

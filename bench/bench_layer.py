@@ -2,6 +2,7 @@
 
     python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
         [--gatings=noisy_top_k,top_k,expert_choice,batchwise]
+        [--capacity_factors=none,1.25]
 
 Times one forward+backward step (gradients of the input and of every
 weight, balancing losses included) of `tf_moe.MoE` in training mode at initialisation (zero
@@ -45,6 +46,11 @@ def _parse_args(argv=None):
              "(tf_moe.kernels.MODES: auto, tensorflow, xla), one row per "
              "mode. Run with TF_ENABLE_ONEDNN_OPTS=0 in the environment for "
              "TensorFlow's kernels without oneDNN.")
+    parser.add_argument(
+        "--capacity_factors", default="none",
+        help="Comma-separated capacity factors of tf_moe.MoE, one row per "
+             "factor: 'none' is dropless dispatch (the default), a number "
+             "a fixed capacity of ceil(factor * k * tokens / E) per expert.")
     parser.add_argument("--steps", type=int, default=10,
                         help="Timed steps per configuration (median taken).")
     parser.add_argument("--warmup", type=int, default=3)
@@ -64,13 +70,24 @@ def _parse_args(argv=None):
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
     parser.add_argument("--worker", default=None,
-                        help=argparse.SUPPRESS)  # dense, moe:E:gating:kernels, partition:E, hierarchical:GxB
+                        help=argparse.SUPPRESS)  # see parse_worker
     return parser.parse_args(argv)
 
 
+def parse_worker(worker):
+    """`(kind, experts, gating, kernel mode, capacity factor)` of a worker
+    name: `dense`, `moe:E[:gating[:kernels[:capacity factor]]]`,
+    `partition:E` or `hierarchical:GxB`. Missing fields are "" (experts,
+    gating, kernels) or None (capacity factor: dropless)."""
+    kind, experts, gating, kernel_mode, capacity = (
+        worker.split(":") + [""] * 4)[:5]
+    return (kind, experts, gating, kernel_mode,
+            None if capacity in ("", "none") else float(capacity))
+
+
 def make_step(args, worker):
-    """The layer a worker name says (`dense`, `moe:E[:gating[:kernels]]`,
-    `partition:E`, `hierarchical:GxB`), built, and its training step.
+    """The layer a worker name says (`parse_worker`), built, and its
+    training step.
 
     Returns:
         `(layer, step, inputs)`: `step(inputs)` returns the loss and the sum
@@ -82,9 +99,7 @@ def make_step(args, worker):
     import tf_moe
 
     keras.utils.set_random_seed(0)
-    kind, _, experts = worker.partition(":")
-    experts, _, gating = experts.partition(":")
-    gating, _, kernel_mode = gating.partition(":")
+    kind, experts, gating, kernel_mode, capacity_factor = parse_worker(worker)
     tf_moe.kernels.set_mode(kernel_mode or "auto")
     inputs = tf.random.normal((args.tokens, args.model_dim))
     if kind == "dense":
@@ -106,7 +121,7 @@ def make_step(args, worker):
         gating = gating or "noisy_top_k"
         layer = tf_moe.MoE(
             int(experts), args.hidden_size, k=args.k, gating=gating,
-            gate_initializer=("zeros" if gating == "noisy_top_k"
+            capacity_factor=capacity_factor, gate_initializer=("zeros" if gating == "noisy_top_k"
                               else "glorot_uniform"), seed=0)
     layer(inputs[:8], training=True)
     variables = layer.trainable_variables
@@ -135,9 +150,7 @@ def _run_worker(args):
     import tf_moe
 
     layer, step, inputs = make_step(args, args.worker)
-    kind, _, experts = args.worker.partition(":")
-    experts, _, gating = experts.partition(":")
-    gating = gating.partition(":")[0]
+    kind, experts, gating, _, capacity_factor = parse_worker(args.worker)
     variables = layer.trainable_variables
     for _ in range(args.warmup):
         step(inputs)[1].numpy()
@@ -150,6 +163,7 @@ def _run_worker(args):
     result = {
         "layer": kind,
         "gating": gating or None,
+        "capacity_factor": capacity_factor,
         "num_experts": (None if not experts
                         else math.prod(int(n) for n in experts.split("x"))),
         "step_seconds": float(np.median(times)),
@@ -169,9 +183,23 @@ def _run_worker(args):
                                          slot_mask=gate.slot_mask)
         counts = plan.expert_counts.numpy()
         result["max_over_mean_load"] = float(counts.max() / counts.mean())
-        result["rows_over_routed"] = float(
-            plan.buffer_slot.shape[0] / counts.sum())
+        if capacity_factor is None:
+            rows = plan.buffer_slot.shape[0]
+        else:  # Every expert's buffer has the capacity; the rest is dropped.
+            capacity = tf_moe.plan.fixed_capacity(
+                args.tokens, layer.num_experts, args.k, capacity_factor)
+            rows = capacity * layer.num_experts
+            result["dropped_fraction"] = float(
+                np.maximum(counts - capacity, 0).sum() / counts.sum())
+        result["rows_over_routed"] = float(rows / counts.sum())
     print("RESULT " + json.dumps(result))
+
+
+def _dispatch_name(row):
+    """"dropless" or "capacity factor F", for the table."""
+    if row["capacity_factor"] is None:
+        return "dropless"
+    return f"capacity factor {row['capacity_factor']:g}"
 
 
 def _peak_gpu_mb(tf):
@@ -218,6 +246,7 @@ def main(argv=None):
     experts = [int(e) for e in args.experts.split(",")]
     gatings = args.gatings.split(",")
     kernel_modes = args.kernels.split(",")
+    capacity_factors = args.capacity_factors.split(",")
     print(f"tokens={args.tokens} d={args.model_dim} "
           f"hidden_size={args.hidden_size} k={args.k} "
           f"(dense FFN hidden={args.k * args.hidden_size}); "
@@ -232,13 +261,16 @@ def main(argv=None):
         this_e = []
         for gating in gatings:
             for mode in kernel_modes:
-                moe = _measure(args, f"moe:{num_experts}:{gating}:{mode}")
-                moe["ratio_to_dense"] = (moe["step_seconds"]
-                                         / dense["step_seconds"])
-                print(f"E={num_experts} {gating} kernels={mode}: "
-                      f"{moe['step_seconds']:.3f} s/step "
-                      f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
-                this_e.append(moe)
+                for capacity in capacity_factors:
+                    moe = _measure(
+                        args, f"moe:{num_experts}:{gating}:{mode}:{capacity}")
+                    moe["ratio_to_dense"] = (moe["step_seconds"]
+                                             / dense["step_seconds"])
+                    print(f"E={num_experts} {gating} kernels={mode} "
+                          f"{_dispatch_name(moe)}: "
+                          f"{moe['step_seconds']:.3f} s/step "
+                          f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+                    this_e.append(moe)
         rows += this_e
         if args.partition_baseline:
             partition = _measure(args, f"partition:{num_experts}")
@@ -265,7 +297,7 @@ def main(argv=None):
           f"{_memory_cell(dense)} | - | - |")
     for row in rows:
         print(f"| tf_moe.MoE {row['gating']} k={args.k} "
-              f"({row['kernels']} kernels) | "
+              f"({row['kernels']} kernels, {_dispatch_name(row)}) | "
               f"{row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
               f"{partition_cell(row)} | {row['parameters']:,} | "

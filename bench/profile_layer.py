@@ -96,7 +96,10 @@ def main():
     by_type = collections.Counter()
     for op_name, op_type, seconds in _op_events(logdir):
         stage = _stage(op_name)
-        if stage != "outside the layer" and "gradient_tape" in op_name:
+        # TensorFlow's gradients are under the tape's scope, tf_moe's
+        # custom gradients under their forward's ("<scope>/gradient").
+        if stage != "outside the layer" and (
+                "gradient_tape" in op_name or "/gradient/" in op_name):
             stage += " (gradient)"
         by_stage[stage] += seconds / args.steps
         by_type[op_type] += seconds / args.steps

@@ -19,8 +19,8 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for gating in ("noisy_top_k", "expert_choice"):
         for mode in ("auto", "xla"):
-            assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels) | 4 |"
-                    in result.stdout)
+            assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels, dropless) "
+                    "| 4 |" in result.stdout)
     report = json.loads(output.read_text())
     noisy, noisy_xla, expert_choice, _ = report["moe"]
     assert [(row["gating"], row["kernels"]) for row in report["moe"]] == [
@@ -41,6 +41,28 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     assert expert_choice["parameters"] == experts + 8 * 4
 
 
+def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
+    output = tmp_path / "layer.json"
+    result = subprocess.run(
+        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
+         "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
+         "--malloc=system", "--kernels=tensorflow", "--no-partition_baseline",
+         "--capacity_factors=none,1", f"--output={output}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "
+            "factor 1) | 4 |" in result.stdout)
+    dropless, fixed = json.loads(output.read_text())["moe"]
+    assert dropless["capacity_factor"] is None
+    assert "dropped_fraction" not in dropless
+    assert dropless["rows_over_routed"] >= 1.0
+    # Capacity ceil(1 * 2 * 64 / 4) = 32 rows per expert, 128 in all, for
+    # the 128 routed slots; what the busier experts get past 32 is dropped.
+    assert fixed["capacity_factor"] == 1.0
+    assert fixed["rows_over_routed"] == 1.0
+    assert 0.0 <= fixed["dropped_fraction"] < 0.5
+
+
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "hierarchical.json"
     result = subprocess.run(
@@ -48,7 +70,8 @@ def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
                                       "bench_hierarchical.py"),
          "--sizes=2x2,4x2", "--tokens=64", "--model_dim=8",
          "--hidden_size=4", "--steps=1", "--warmup=1", "--malloc=system",
-         "--flat_gate_limit_gb=0.0000015", f"--output={output}"],
+         "--flat_gate_limit_gb=0.0000015", "--stream_gigabytes=0.01",
+         f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| 4 | 2x2 |" in result.stdout
@@ -59,3 +82,8 @@ def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
     assert "flat_skipped_gate_gb" in large  # 64 x 8 floats (2 KB): over it
     # Experts E * (d*h + h + h*d + d), gates d * G * 2 + G * d * B * 2.
     assert large["parameters"] == 8 * (8 * 4 + 4 + 4 * 8 + 8) + 8 * 4 * 2 + 4 * 8 * 2 * 2
+    # The weight-traffic floor: 16 bytes per parameter at the measured
+    # bandwidth, so in proportion to the parameters.
+    assert report["stream_bandwidth_bytes_per_second"] > 0
+    assert large["weight_traffic_seconds"] == (
+        large["parameters"] * 16 / report["stream_bandwidth_bytes_per_second"])

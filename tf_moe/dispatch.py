@@ -8,6 +8,8 @@ default scatter-add). Every function takes the plan's shard dimension,
 
 import tensorflow as tf
 
+from tf_moe import scoped_gradient
+
 
 def _shard_dims(plan):
     """0 for a plan without a shard dimension, 1 with one."""
@@ -79,7 +81,7 @@ def dispatch(tokens, plan):
             d_rows, plan.slot_buffer_row, batch_dims=shard_dims), axis=-2)
 
     if not plan.has_overflow:
-        @tf.custom_gradient
+        @scoped_gradient.custom_gradient
         def gather_main(tokens):
             def grad(d_main):
                 return rows_to_tokens(tf.reshape(d_main,
@@ -89,7 +91,7 @@ def dispatch(tokens, plan):
 
         return gather_main(tokens), None
 
-    @tf.custom_gradient
+    @scoped_gradient.custom_gradient
     def gather_both(tokens):
         padded = _pad_one_row(tokens, shard_dims)
         main = tf.gather(padded, row_tokens[..., :num_main_rows],
@@ -135,7 +137,7 @@ def combine(expert_outputs, plan, gate_weights):
                             shard_dims)
 
     if overflow is None:
-        @tf.custom_gradient
+        @scoped_gradient.custom_gradient
         def gather_from_main(main):
             def grad(d_slot_outputs):
                 return tf.reshape(gather_padded(
@@ -148,7 +150,7 @@ def combine(expert_outputs, plan, gate_weights):
     else:
         overflow_shape = tf.shape(overflow)
 
-        @tf.custom_gradient
+        @scoped_gradient.custom_gradient
         def gather_from_both(main, overflow):
             rows = tf.concat([main_rows(main), tf.reshape(
                 overflow, [1] * shard_dims + [-1, d_out])], axis=-2)

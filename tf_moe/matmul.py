@@ -18,6 +18,7 @@ batch, so it stays on TensorFlow's kernels.
 import tensorflow as tf
 
 from tf_moe import kernels
+from tf_moe import scoped_gradient
 
 def _overflow_input_gradient(orientation):
     """`dy @ w^T` for `dy: [n, C, b]`, `w: [n, a, b]`: `[n, C, a]`, in the
@@ -54,7 +55,7 @@ def buffer_matmul(main, overflow, w, overflow_experts, allow_xla=True,
                             w.shape[-1], main.dtype, allow_xla=allow_xla)
     forward, weight_gradient, input_gradient = choice.functions()
     if overflow is None:
-        @tf.custom_gradient
+        @scoped_gradient.custom_gradient
         def main_matmul(main, w):
             def grad(d_main):
                 return (input_gradient(d_main, w),
@@ -63,7 +64,7 @@ def buffer_matmul(main, overflow, w, overflow_experts, allow_xla=True,
 
         return main_matmul(main, w), None
 
-    @tf.custom_gradient
+    @scoped_gradient.custom_gradient
     def matmul(main, overflow, w):
         w_overflow = tf.gather(w, overflow_experts)
 

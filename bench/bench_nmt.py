@@ -44,7 +44,7 @@ _STEPS = flags.DEFINE_integer("steps", 0,
                               "Training steps (0: the config's, 1500).")
 _BLEU_SENTENCES = flags.DEFINE_integer(
     "bleu_sentences", 0, "Valid sentences BLEU is computed on (0: the "
-    "config's, 300).")
+    "config's, 300; -1: every valid pair).")
 _VOCABULARY = flags.DEFINE_string(
     "vocabulary", "", "A sentencepiece.model to train every model with (e.g. "
     "the main job's, DIR/sentencepiece.model: the same 6,000-piece settings); "
@@ -62,8 +62,8 @@ def train_one(name, workdir, vocabulary):
     config = paper.get_config(f"{name},cpu")
     if _STEPS.value:
         config.train.steps = _STEPS.value
-    if _BLEU_SENTENCES.value:
-        config.decode.bleu_sentences = _BLEU_SENTENCES.value
+    if _BLEU_SENTENCES.value:  # The config's 0 is every pair.
+        config.decode.bleu_sentences = max(_BLEU_SENTENCES.value, 0)
     config.train.eval_every = _EVAL_EVERY.value
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.

@@ -121,7 +121,8 @@ def make_step(args, worker):
         gating = gating or "noisy_top_k"
         layer = tf_moe.MoE(
             int(experts), args.hidden_size, k=args.k, gating=gating,
-            capacity_factor=capacity_factor, gate_initializer=("zeros" if gating == "noisy_top_k"
+            capacity_factor=capacity_factor,
+            gate_initializer=("zeros" if gating == "noisy_top_k"
                               else "glorot_uniform"), seed=0)
     layer(inputs[:8], training=True)
     variables = layer.trainable_variables

@@ -73,6 +73,10 @@ _CURVES = flags.DEFINE_string(
     "curves", "", "PNG plot of valid perplexity against training tokens, "
     "one line per model (with --eval_every).")
 
+_CURVES_FROM = flags.DEFINE_list(
+    "curves_from", [], "JSON results of earlier runs: draw --curves from "
+    "their rows (with --eval_every curves) and train nothing.")
+
 _EXPERTS = dict(table7.FLAT, **table7.HIERARCHICAL)
 # The paper's Table 6: (w_importance, w_load).
 BALANCE_WEIGHTS = ((0.0, 0.0), (0.2, 0.0), (0.0, 0.2), (0.1, 0.1),
@@ -216,6 +220,15 @@ def print_table6(rows):
 
 def main(argv):
     del argv
+    if _CURVES_FROM.value:
+        if not _CURVES.value:
+            raise SystemExit("--curves_from needs --curves=PATH.png")
+        rows = []
+        for path in _CURVES_FROM.value:
+            with open(path) as f:
+                rows += json.load(f)["rows"]
+        plot_curves(rows, _CURVES.value)
+        return
     if _PLOT.value or _CURVES.value:
         import matplotlib  # noqa: F401  Fails now, not after the training.
     root = tempfile.mkdtemp(prefix="bench_lm_")

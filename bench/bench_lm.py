@@ -67,6 +67,10 @@ _STEPS = flags.DEFINE_integer("steps", 0,
 _EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", 0, "Evaluate valid every this many steps too, for the "
     "learning curves (0: at the end only).")
+_LEARNING_RATES = flags.DEFINE_list(
+    "learning_rates", [], "Peak learning rates: each model trains once at "
+    "each (default: the config's, 3e-3 at CPU scale). Rows are labelled "
+    "`<model> lr=<rate>`.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
 _CURVES = flags.DEFINE_string(
@@ -99,11 +103,14 @@ def _experts(model):
     return model.num_experts if "moe" in model.blocks else 1
 
 
-def train_one(name, steps, workdir, vocabulary, **model_overrides):
+def train_one(name, steps, workdir, vocabulary, learning_rate=None,
+              label=None, **model_overrides):
     """Trains `name` at CPU scale; returns its row (valid evaluation)."""
     config = _cpu_config(name)
     if steps:
         config.train.steps = steps
+    if learning_rate:
+        config.train.learning_rate = learning_rate
     config.train.eval_every = _EVAL_EVERY.value
     config.model.update(model_overrides)
     os.makedirs(workdir, exist_ok=True)
@@ -115,8 +122,8 @@ def train_one(name, steps, workdir, vocabulary, **model_overrides):
     result = run.train()
     seconds = time.perf_counter() - start
     return dict(
-        model=name, experts=_experts(config.model),
-        parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
+        model=name, label=label or name, experts=_experts(config.model),
+        learning_rate=config.train.learning_rate, parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
         valid_perplexity_per_word=result["perplexity_per_word"],
         steps=config.train.steps, train_seconds=seconds,
         # Real (unpadded) tokens per second of the whole train() call,
@@ -170,13 +177,18 @@ def plot(rows, path):
 
 
 def family_rows(root, family):
-    """One row per model of `family` (or of --models), in order."""
+    """One row per model of `family` (or of --models) and learning rate, in
+    order."""
     rows = []
     vocabulary = None
+    rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
     for name in _MODELS.value or family:
-        workdir = os.path.join(root, name)
-        rows.append(train_one(name, _STEPS.value, workdir, vocabulary))
-        vocabulary = os.path.join(workdir, text.MODEL_FILE)
+        for rate in rates:
+            label = name if rate is None else f"{name} lr={rate:g}"
+            workdir = os.path.join(root, label.replace(" ", "_"))
+            rows.append(train_one(name, _STEPS.value, workdir, vocabulary,
+                                  learning_rate=rate, label=label))
+            vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 
 
@@ -184,7 +196,7 @@ def print_table7(rows):
     print("\n| model | parameters | ops/timestep | valid ppl/word | tokens/s |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['parameters']:,} | "
+        print(f"| {r.get('label', r['model'])} | {r['parameters']:,} | "
               f"{r['ops_per_timestep']:,} | "
               f"{r['valid_perplexity_per_word']:.1f} | "
               f"{r['tokens_per_second']:,.0f} |")

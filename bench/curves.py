@@ -1,7 +1,8 @@
 """Learning-curve plots for the trainer benchmarks (bench_lm, bench_nmt).
 
-Each row is one model's result: `row["model"]` and `row["learning_curve"]`,
-a list of evaluations, each with `trained_tokens` and the plotted metrics.
+Each row is one model's result: `row["model"]` (the line's name, unless the
+row has a `label`) and `row["learning_curve"]`, a list of evaluations, each
+with `trained_tokens` and the plotted metrics.
 """
 
 
@@ -27,7 +28,7 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
             axis.plot([point["trained_tokens"] / 1e6 for point in curve],
                       [point[metric] for point in curve],
                       "o-" if is_moe(row["model"]) else "s:",
-                      markersize=3, label=row["model"])
+                      markersize=3, label=row.get("label", row["model"]))
         if log_scale:
             axis.set_yscale("log")
         axis.set_xlabel("training tokens (millions)")

@@ -6,7 +6,8 @@ Builds the step bench/bench_layer.py times (same flags, same worker names:
 `dense`, `moe:E[:gating[:kernels]]`, `partition:E`), runs it under
 TensorFlow's profiler and sums the op time per stage of the layer (the name
 scopes of `tf_moe.mixture`: route, plan, dispatch, experts, combine,
-losses, each with its gradient) and per op type. Op times are summed over
+losses, each with its gradient) and per op type. A third table names the
+costliest single ops (`--top_ops`). Op times are summed over
 the threads that ran them, so with 2 cores they add up to about twice the
 step; small ops that wait for a core while a large matmul holds both are
 overstated. Prints two tables and writes JSON
@@ -73,6 +74,8 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--top_ops", type=int, default=15,
+                        help="Rows of the per-type and per-op tables.")
     parser.add_argument("--output", default=os.path.join(
         _HERE, "results", "profile.json"))
     args = parser.parse_args()
@@ -94,7 +97,9 @@ def main():
 
     by_stage = collections.Counter()
     by_type = collections.Counter()
+    by_op = collections.Counter()
     for op_name, op_type, seconds in _op_events(logdir):
+        by_op[f"{op_name} ({op_type})"] += seconds / args.steps
         stage = _stage(op_name)
         # TensorFlow's gradients are under the tape's scope, tf_moe's
         # custom gradients under their forward's ("<scope>/gradient").
@@ -112,13 +117,19 @@ def main():
         print(f"| {stage} | {seconds:.3f} | {seconds / total:.0%} |")
     print("\n| op type | op s/step | share |")
     print("|---|---|---|")
-    for op_type, seconds in by_type.most_common(15):
+    for op_type, seconds in by_type.most_common(args.top_ops):
         print(f"| {op_type} | {seconds:.3f} | {seconds / total:.0%} |")
+    print("\n| op | op s/step | share |")
+    print("|---|---|---|")
+    top_ops = by_op.most_common(args.top_ops)
+    for op, seconds in top_ops:
+        print(f"| {op} | {seconds:.3f} | {seconds / total:.0%} |")
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"config": vars(args), "step_seconds": step_seconds,
                    "op_seconds_by_stage": dict(by_stage),
-                   "op_seconds_by_type": dict(by_type)}, f, indent=2)
+                   "op_seconds_by_type": dict(by_type),
+                   "top_ops_seconds": dict(top_ops)}, f, indent=2)
     print(f"\nwrote {args.output}")
 
 

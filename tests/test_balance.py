@@ -88,3 +88,40 @@ def test_normal_cdf():
                                rtol=1e-5, atol=1e-30)
     assert balance.normal_cdf(tf.constant(0.0)).numpy() == 0.5
     assert math.isfinite(balance.normal_cdf(tf.constant(-40.0)).numpy())
+
+
+def _selection_probability_by_autodiff(clean, noisy, stddev, top_values, k):
+    """The paper's P(x, i) written plainly, differentiated by TensorFlow."""
+    threshold = tf.where(noisy > top_values[:, k:k + 1], top_values[:, k:k + 1],
+                         top_values[:, k - 1:k])
+    return balance.normal_cdf((clean - threshold) / stddev)
+
+
+@pytest.mark.parametrize("num_experts,k", [(6, 2), (32, 4), (3, 1)])
+def test_selection_probability_gradient_matches_autodiff(num_experts, k):
+    rng = np.random.default_rng(num_experts)
+    tokens = 5
+    clean = tf.constant(rng.normal(size=(tokens, num_experts)), tf.float32)
+    stddev = tf.constant(rng.uniform(0.2, 2.0, (tokens, num_experts)),
+                         tf.float32)
+    noise = tf.constant(rng.normal(size=(tokens, num_experts)), tf.float32)
+    weights = tf.constant(rng.normal(size=(tokens, num_experts)), tf.float32)
+
+    def loss(probability_fn):
+        with tf.GradientTape() as tape:
+            tape.watch([clean, stddev])
+            noisy = clean + noise * stddev
+            top_values = tf.math.top_k(noisy, k=k + 1).values
+            value = tf.reduce_sum(weights * probability_fn(
+                clean, noisy, stddev, top_values, k))
+        return value, tape.gradient(value, [clean, stddev])
+
+    value, gradients = loss(balance.selection_probability)
+    expected_value, expected_gradients = loss(
+        _selection_probability_by_autodiff)
+    assert value.numpy() == pytest.approx(expected_value.numpy(), rel=1e-5)
+    for gradient, expected in zip(gradients, expected_gradients):
+        # The thresholds' gradients flow back into clean and stddev through
+        # top_k, so both the per-entry and the per-row terms are checked.
+        np.testing.assert_allclose(gradient.numpy(), expected.numpy(),
+                                   rtol=1e-4, atol=1e-6)

@@ -8,6 +8,8 @@ import math
 
 import tensorflow as tf
 
+from tf_moe import scoped_gradient
+
 # Keeps CV^2 finite (0) when every entry is zero: an empty or fully masked
 # batch has zero importance and zero load, and must give a zero loss.
 _CV_EPSILON = 1e-10
@@ -76,12 +78,51 @@ def selection_probability(clean_logits, noisy_logits, noise_stddev,
     if k >= num_experts:
         # Every expert is always chosen: P(x, i) = 1.
         return tf.ones_like(clean_logits)
-    threshold_if_in = top_values[:, k:k + 1]
-    threshold_if_out = top_values[:, k - 1:k]
-    # Pick the threshold first: one Phi over [tokens, E], not one per case.
-    threshold = tf.where(noisy_logits > threshold_if_in, threshold_if_in,
-                         threshold_if_out)
-    return normal_cdf((clean_logits - threshold) / noise_stddev)
+    # A comparison: no gradient flows through which threshold applies.
+    is_in_top_k = noisy_logits > top_values[:, k:k + 1]
+    return _probability_above_threshold(
+        clean_logits, noise_stddev, top_values[:, k - 1:k + 1], is_in_top_k)
+
+
+_INVERSE_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@scoped_gradient.custom_gradient
+def _probability_above_threshold(clean_logits, noise_stddev, thresholds,
+                                 is_in_top_k):
+    """`Phi((clean - threshold) / noise_stddev)`, threshold the row's
+    (k+1)-th largest value for an expert in the top k, else its k-th.
+
+    Its gradient is written out: autodiff through the select, the
+    broadcast thresholds, the division and erfc makes twice as many
+    `[tokens, E]` passes (zeros, selects, broadcast sums), and at 65,536
+    experts (appendix B's secondary gates, 512 entries a token) this
+    function is one of the costliest of the step.
+
+    Args:
+        clean_logits, noise_stddev: `[tokens, E]`.
+        thresholds: `[tokens, 2]`, the k-th and (k+1)-th largest noisy
+            logits.
+        is_in_top_k: `[tokens, E]` bool.
+    """
+    threshold = tf.where(is_in_top_k, thresholds[:, 1:], thresholds[:, :1])
+    margin = (clean_logits - threshold) / noise_stddev
+    probability = normal_cdf(margin)
+
+    def gradient(upstream):
+        # dP/dclean = phi(margin) / stddev = -dP/dthreshold, and
+        # dP/dstddev = -phi(margin) * margin / stddev.
+        d_clean = (upstream * _INVERSE_SQRT_2PI
+                   * tf.exp(-0.5 * tf.square(margin)) / noise_stddev)
+        d_threshold_if_in = -tf.reduce_sum(
+            tf.where(is_in_top_k, d_clean, tf.zeros_like(d_clean)), axis=-1)
+        d_threshold_if_out = (-tf.reduce_sum(d_clean, axis=-1)
+                              - d_threshold_if_in)
+        d_thresholds = tf.stack([d_threshold_if_out, d_threshold_if_in],
+                                axis=-1)
+        return d_clean, -d_clean * margin, d_thresholds, None
+
+    return probability, gradient
 
 
 def smooth_load(clean_logits, noisy_logits, noise_stddev, top_values, k,

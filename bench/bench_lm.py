@@ -123,7 +123,8 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     seconds = time.perf_counter() - start
     return dict(
         model=name, label=label or name, experts=_experts(config.model),
-        learning_rate=config.train.learning_rate, parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
+        learning_rate=config.train.learning_rate,
+        parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
         valid_perplexity_per_word=result["perplexity_per_word"],
         steps=config.train.steps, train_seconds=seconds,
         # Real (unpadded) tokens per second of the whole train() call,

@@ -2,14 +2,17 @@
 
     python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
         [--gatings=noisy_top_k,top_k,expert_choice,batchwise]
-        [--capacity_factors=none,1.25]
+        [--capacity_factors=none,1.25] [--peers=gshard,garden,mixtral]
 
 Times one forward+backward step (gradients of the input and of every
 weight, balancing losses included) of `tf_moe.MoE` in training mode at initialisation (zero
 gate: noisy, balanced routing, dropless; the gates without noise get a
 random gate kernel instead, as a zero one would send every token to the
 same experts) and of a dense two-layer FFN with
-the same active FLOPs per token (hidden width k * hidden_size). Each
+the same active FLOPs per token (hidden width k * hidden_size), beside the
+per-expert dispatcher (bench/partition_baseline.py) and the other MoE
+layers of the ecosystem (bench/peers.py: GShard's one-hot einsum, TF Model
+Garden's MoeLayer, keras-hub's Mixtral block). Each
 configuration runs in its own process, so its peak resident memory is its
 own; all are measured in one run of this script, and the ratios in the
 table compare numbers from that run. Prints a markdown table and writes
@@ -26,6 +29,12 @@ import time
 import workers
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+# bench/peers.py's layers, by worker kind, with what each needs installed.
+_PEERS = {"gshard": (), "garden": ("official", "tf_keras", "gin"),
+          "mixtral": ("keras_hub",)}
+_PEER_NAMES = {"gshard": "GShard one-hot einsum",
+               "garden": "TF Model Garden MoeLayer",
+               "mixtral": "keras-hub Mixtral block"}
 
 
 def _parse_args(argv=None):
@@ -69,6 +78,19 @@ def _parse_args(argv=None):
         action=argparse.BooleanOptionalAction,
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
+    parser.add_argument(
+        "--peers", default=",".join(_PEERS),
+        help="Comma-separated other MoE layers to time at every E "
+             "(bench/peers.py), or 'none'. A peer that is not installed, or "
+             "would not fit in half this machine's memory, is skipped and "
+             "the table says why.")
+    parser.add_argument("--gshard_capacity_factor", type=float, default=1.25,
+                        help="The GShard peer's capacity factor.")
+    parser.add_argument(
+        "--peer_group_size", type=int, default=1024,
+        help="Tokens the GShard and TF Model Garden peers route together "
+             "(their dispatch einsums' FLOPs grow with it); it must divide "
+             "--tokens.")
     parser.add_argument("--worker", default=None,
                         help=argparse.SUPPRESS)  # see parse_worker
     return parser.parse_args(argv)
@@ -77,7 +99,7 @@ def _parse_args(argv=None):
 def parse_worker(worker):
     """`(kind, experts, gating, kernel mode, capacity factor)` of a worker
     name: `dense`, `moe:E[:gating[:kernels[:capacity factor]]]`,
-    `partition:E` or `hierarchical:GxB`. Missing fields are "" (experts,
+    `partition:E`, `hierarchical:GxB` or a peer's `<peer>:E` (`_PEERS`). Missing fields are "" (experts,
     gating, kernels) or None (capacity factor: dropless)."""
     kind, experts, gating, kernel_mode, capacity = (
         worker.split(":") + [""] * 4)[:5]
@@ -117,6 +139,8 @@ def make_step(args, worker):
         layer = tf_moe.HierarchicalMoE(
             groups, per_group, args.hidden_size, k_primary=k_primary,
             k_secondary=args.k // k_primary, seed=0)
+    elif kind in _PEERS:
+        layer = _make_peer(args, kind, int(experts))
     else:
         gating = gating or "noisy_top_k"
         layer = tf_moe.MoE(
@@ -124,7 +148,9 @@ def make_step(args, worker):
             capacity_factor=capacity_factor,
             gate_initializer=("zeros" if gating == "noisy_top_k"
                               else "glorot_uniform"), seed=0)
-    layer(inputs[:8], training=True)
+    # The peers' capacities follow the tokens, so they are built at the
+    # real batch (on 8 tokens some would get no buffer rows).
+    layer(inputs if kind in _PEERS else inputs[:8], training=True)
     variables = layer.trainable_variables
 
     @tf.function
@@ -140,6 +166,47 @@ def make_step(args, worker):
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
     return layer, step, inputs
+
+
+def _make_peer(args, kind, num_experts):
+    import peers
+
+    if kind == "gshard":
+        return peers.GShardMoE(num_experts, args.hidden_size, args.k,
+                               capacity_factor=args.gshard_capacity_factor,
+                               group_size=args.peer_group_size, seed=0)
+    if kind == "garden":
+        return peers.garden_moe(num_experts, args.hidden_size, args.k,
+                                group_size=args.peer_group_size)
+    return peers.mixtral_moe(num_experts, args.hidden_size, args.k,
+                             args.model_dim)
+
+
+def _mixtral_bytes(args, num_experts):
+    """About what a Mixtral block's training step holds: its `[E, T, h]`
+    gate, up and hidden activations and `[E, T, d]` outputs in float32
+    (it runs every expert on every token), kept for the backward pass and
+    matched there by their gradients and the temporaries between (three
+    times in all)."""
+    return (4 * num_experts * args.tokens
+            * (3 * args.hidden_size + args.model_dim) * 3)
+
+
+def _peer_skip_reason(args, peer, num_experts):
+    """Why `peer` cannot run here at E=`num_experts`, or None."""
+    import importlib.util
+
+    missing = [module for module in _PEERS[peer]
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        return f"not installed ({', '.join(missing)})"
+    if peer == "mixtral":
+        needed = _mixtral_bytes(args, num_experts)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if needed > memory / 2:
+            return (f"needs about {needed / 2**30:.0f} GB, over half of "
+                    f"this machine's {memory / 2**30:.0f} GB")
+    return None
 
 
 def _run_worker(args):
@@ -233,10 +300,13 @@ def _worker_env(malloc):
 
 
 def _measure(args, worker):
-    return workers.measure(
-        os.path.abspath(__file__), worker, args,
-        ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup"),
-        env=_worker_env(args.malloc))
+    """One worker's RESULT (bench_hierarchical passes its own `args`,
+    without the peers' flags)."""
+    flags = ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup")
+    if parse_worker(worker)[0] in _PEERS:
+        flags += ("gshard_capacity_factor", "peer_group_size")
+    return workers.measure(os.path.abspath(__file__), worker, args, flags,
+                           env=_worker_env(args.malloc))
 
 
 def main(argv=None):
@@ -248,6 +318,11 @@ def main(argv=None):
     gatings = args.gatings.split(",")
     kernel_modes = args.kernels.split(",")
     capacity_factors = args.capacity_factors.split(",")
+    peer_kinds = [] if args.peers == "none" else args.peers.split(",")
+    for peer in peer_kinds:
+        if peer not in _PEERS:
+            raise SystemExit(f"--peers: {peer!r} is not one of "
+                             f"{tuple(_PEERS)} (or 'none')")
     print(f"tokens={args.tokens} d={args.model_dim} "
           f"hidden_size={args.hidden_size} k={args.k} "
           f"(dense FFN hidden={args.k * args.hidden_size}); "
@@ -258,6 +333,7 @@ def main(argv=None):
     dense = _measure(args, "dense")
     print(f"dense: {dense['step_seconds']:.3f} s/step", flush=True)
     rows = []
+    peer_rows = []
     for num_experts in experts:
         this_e = []
         for gating in gatings:
@@ -282,6 +358,20 @@ def main(argv=None):
             print(f"E={num_experts} dynamic_partition baseline: "
                   f"{partition['step_seconds']:.3f} s/step "
                   f"({ratio:.2f}x dense)", flush=True)
+        for peer in peer_kinds:
+            result = {"layer": peer, "num_experts": num_experts}
+            result["skipped"] = _peer_skip_reason(args, peer, num_experts)
+            if result["skipped"] is None:
+                result = _measure(args, f"{peer}:{num_experts}")
+                result["ratio_to_dense"] = (result["step_seconds"]
+                                            / dense["step_seconds"])
+                print(f"E={num_experts} {_PEER_NAMES[peer]}: "
+                      f"{result['step_seconds']:.3f} s/step "
+                      f"({result['ratio_to_dense']:.2f}x dense)", flush=True)
+            else:
+                print(f"E={num_experts} {_PEER_NAMES[peer]}: skipped, "
+                      f"{result['skipped']}", flush=True)
+            peer_rows.append(result)
 
     print()
     def partition_cell(row):
@@ -305,12 +395,51 @@ def main(argv=None):
               f"{_memory_cell(row)} | {row['max_over_mean_load']:.2f} | "
               f"{row['rows_over_routed']:.2f} |")
 
+    if peer_kinds:
+        _print_peer_table(args, experts, rows, peer_rows)
+
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w", encoding="utf-8") as f:
         json.dump({"config": {k: v for k, v in vars(args).items()
                               if k != "worker"},
-                   "dense": dense, "moe": rows}, f, indent=2)
+                   "machine": workers.machine(),
+                   "dense": dense, "moe": rows, "peers": peer_rows},
+                  f, indent=2)
     print(f"\nwrote {args.output}")
+
+
+def _print_peer_table(args, experts, rows, peer_rows):
+    """Every layer's step over the dense FFN's, one row per E: tf_moe's
+    configurations, the per-expert dispatcher and the peers."""
+    def tf_moe_name(row):
+        return (f"tf_moe {row['gating']} ({row['kernels']} kernels, "
+                f"{_dispatch_name(row)})")
+
+    columns = list(dict.fromkeys(tf_moe_name(row) for row in rows))
+    details = {"gshard": f" (cf {args.gshard_capacity_factor:g}, groups of "
+                         f"{args.peer_group_size})",
+               "garden": f" (groups of {args.peer_group_size})"}
+    peer_names = [_PEER_NAMES[p] + details.get(p, "")
+                  for p in dict.fromkeys(row["layer"] for row in peer_rows)]
+    headers = ["per-expert dispatcher"] * args.partition_baseline + (
+        columns + peer_names)
+    print("\nstep / dense FFN step, same run:\n")
+    print("| experts | " + " | ".join(headers) + " |")
+    print("|---" * (len(headers) + 1) + "|")
+    for num_experts in experts:
+        these = [row for row in rows if row["num_experts"] == num_experts]
+        cells = []
+        if args.partition_baseline:
+            cells.append(f"{these[0]['partition_ratio_to_dense']:.2f}")
+        by_name = {tf_moe_name(row): row for row in these}
+        cells += [f"{by_name[c]['ratio_to_dense']:.2f}" if c in by_name
+                  else "-" for c in columns]
+        for row in peer_rows:
+            if row["num_experts"] == num_experts:
+                cells.append(f"skipped: {row['skipped']}"
+                             if row.get("skipped")
+                             else f"{row['ratio_to_dense']:.2f}")
+        print(f"| {num_experts} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

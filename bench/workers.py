@@ -18,3 +18,23 @@ def measure(script, worker, args, names, env=None):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"benchmark worker {worker} failed:\n"
                        f"{completed.stderr[-4000:]}")
+
+
+def machine():
+    """What the figures were taken on: the CPU's model and features, the
+    cores, and whether TensorFlow's oneDNN kernels were asked off."""
+    import os
+    flags, model = set(), None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model is None:
+                    model = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(),
+            "avx512": "avx512f" in flags, "amx": "amx_tile" in flags,
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}

@@ -14,14 +14,24 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
         [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
          "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
          "--malloc=system", "--gatings=noisy_top_k,expert_choice",
-         "--kernels=auto,xla", f"--output={output}"],
+         "--kernels=auto,xla", "--peer_group_size=32", f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    # The peers (the default --peers): each timed, or skipped with the
+    # reason (TF Model Garden where it is not installed).
+    assert ("| experts | per-expert dispatcher | tf_moe noisy_top_k (auto "
+            "kernels, dropless) |" in result.stdout)
+    report = json.loads(output.read_text())
+    assert [row["layer"] for row in report["peers"]] == [
+        "gshard", "garden", "mixtral"]
+    for row in report["peers"]:
+        assert row.get("skipped") or row["step_seconds"] > 0
+    assert report["peers"][0]["step_seconds"] > 0  # GShard needs nothing
+    assert report["machine"]["cores"] >= 1
     for gating in ("noisy_top_k", "expert_choice"):
         for mode in ("auto", "xla"):
             assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels, dropless) "
                     "| 4 |" in result.stdout)
-    report = json.loads(output.read_text())
     noisy, noisy_xla, expert_choice, _ = report["moe"]
     assert [(row["gating"], row["kernels"]) for row in report["moe"]] == [
         ("noisy_top_k", "auto"), ("noisy_top_k", "xla"),
@@ -47,7 +57,7 @@ def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
         [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
          "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
          "--malloc=system", "--kernels=tensorflow", "--no-partition_baseline",
-         "--capacity_factors=none,1", f"--output={output}"],
+         "--peers=none", "--capacity_factors=none,1", f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "

@@ -99,8 +99,9 @@ def _parse_args(argv=None):
 def parse_worker(worker):
     """`(kind, experts, gating, kernel mode, capacity factor)` of a worker
     name: `dense`, `moe:E[:gating[:kernels[:capacity factor]]]`,
-    `partition:E`, `hierarchical:GxB` or a peer's `<peer>:E` (`_PEERS`). Missing fields are "" (experts,
-    gating, kernels) or None (capacity factor: dropless)."""
+    `partition:E`, `hierarchical:GxB` or a peer's `<peer>:E` (`_PEERS`).
+    Missing fields are "" (experts, gating, kernels) or None (capacity
+    factor: dropless)."""
     kind, experts, gating, kernel_mode, capacity = (
         worker.split(":") + [""] * 4)[:5]
     return (kind, experts, gating, kernel_mode,

@@ -12,7 +12,7 @@
 - `garden_moe`: TF Model Garden's `MoeLayer` (expert-choice routing, its
   only router) from `official/nlp/modeling/layers/moe.py`, which installs
   without its dependencies: `pip install --no-deps tf-models-official
-  tf-keras gin-config`.
+  "tf-keras~=2.21.0" gin-config`.
 - `mixtral_moe`: keras-hub's `MixtralSparseMoeBlock`, which runs every
   expert (SwiGLU, three matrices) on every token and weights the outputs.
 
@@ -28,9 +28,6 @@ import tensorflow as tf
 from tf_moe import balance
 from tf_moe.experts import per_expert_initializer
 from tf_moe.top_k_gating import NoisyTopKGate
-
-PEERS = ("gshard", "garden", "mixtral")
-
 
 class GShardMoE(keras.layers.Layer):
     """MoE with capacity buffers and one-hot einsum dispatch (GShard).

@@ -44,8 +44,8 @@ def test_gshard_peer_with_room_for_every_slot_matches_reference():
 
 def test_gshard_peer_fills_buffers_first_choices_first_and_drops_the_rest():
     layer = peers.GShardMoE(3, 2, k=2)
-    # Two groups: the second holds one token, which fills nothing of the
-    # first group's places.
+    # Two groups of three tokens: the second group's places start at 0
+    # again, whatever the first group filled.
     expert_ids = tf.constant([[[0, 1], [0, 1], [0, 2]],
                               [[0, 2], [1, 2], [1, 0]]])
     gate_weights = tf.constant([[[0.6, 0.4], [0.7, 0.3], [0.9, 0.1]]] * 2)

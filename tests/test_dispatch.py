@@ -162,7 +162,41 @@ def test_plan_matches_slow_reference(num_experts, k, capacity, masked, cost):
     np.testing.assert_array_equal(buffer_slot[rows.ravel()[slots]], slots)
 
 
-def test_gradients_equal_those_of_plain_gathers():
+@pytest.mark.parametrize("num_experts, k, capacity, masked", [
+    (4, 2, None, False), (4, 2, None, True), (8, 3, 2, True),
+    (5, 5, 3, False), (1, 1, None, True), (16, 2, None, False),
+])
+def test_packed_plan_matches_slow_reference(num_experts, k, capacity, masked):
+    rng = np.random.default_rng(num_experts * 10 + k)
+    num_tokens = 23
+    p = 1.0 / np.arange(1, num_experts + 1)
+    expert_ids = np.stack([rng.choice(num_experts, k, replace=False,
+                                      p=p / p.sum())
+                           for _ in range(num_tokens)])
+    token_mask = rng.random(num_tokens) < 0.7 if masked else None
+    plan = plan_lib.make_dispatch_plan(
+        expert_ids, num_experts, capacity,
+        None if token_mask is None else tf.constant(token_mask), packed=True)
+    filled, kept, _, dropped = _slow_plan(expert_ids, num_experts, capacity,
+                                          token_mask)
+    assert plan.packed and not plan.has_overflow
+    assert plan.num_dropped.numpy() == dropped
+    np.testing.assert_array_equal(plan.slot_kept.numpy(), kept)
+    np.testing.assert_array_equal(plan.expert_rows.numpy(),
+                                  [len(f) for f in filled])
+    # No padding: expert 0's slots, then expert 1's, ... in gate-rank order.
+    expected = [t * k + int(np.flatnonzero(expert_ids[t] == e)[0])
+                for e in range(num_experts) for t in filled[e]]
+    np.testing.assert_array_equal(plan.buffer_slot.numpy(), expected)
+    rows = plan.slot_buffer_row.numpy()
+    assert np.all(rows[~kept] == len(expected))
+    slots = np.flatnonzero(kept.ravel())
+    np.testing.assert_array_equal(
+        plan.buffer_slot.numpy()[rows.ravel()[slots]], slots)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_gradients_equal_those_of_plain_gathers(packed):
     """The custom gradients (gathers through the inverse map) are exact."""
     rng = np.random.default_rng(5)
     tokens = tf.constant(rng.normal(size=(11, 4)).astype(np.float32))
@@ -170,14 +204,19 @@ def test_gradients_equal_those_of_plain_gathers():
     weights = tf.constant(rng.uniform(size=(11, 3)).astype(np.float32))
     mask = tf.constant(rng.random(11) < 0.8)
     plan = plan_lib.make_dispatch_plan(expert_ids, 6, capacity=4,
-                                       token_mask=mask)
+                                       token_mask=mask, packed=packed)
+    # A different scale per expert (per row for packed buffers).
     scale = tf.constant(rng.normal(size=(6, 1, 4)).astype(np.float32))
+    if packed:
+        scale = tf.repeat(scale[:, 0], plan.expert_rows, axis=0)
     cotangent = tf.constant(rng.normal(size=(11, 4)).astype(np.float32))
 
     def plain(tokens, weights):
         padded = tf.concat([tokens, tf.zeros((1, 4))], axis=0)
-        buffers = tf.reshape(tf.gather(padded, plan.buffer_slot // 3),
-                             [6, -1, 4]) * scale
+        buffers = tf.gather(padded, plan.buffer_slot // 3)
+        if not packed:
+            buffers = tf.reshape(buffers, [6, -1, 4])
+        buffers *= scale
         rows = tf.concat([tf.reshape(buffers, [-1, 4]), tf.zeros((1, 4))], 0)
         slot_outputs = tf.gather(rows, plan.slot_buffer_row)
         return tf.einsum("tk,tkd->td", weights, slot_outputs)
@@ -217,11 +256,17 @@ def test_dispatch_then_combine_round_trips_tokens():
     assert unfilled.any() and np.all(rows[unfilled] == 0.0)
 
 
-def test_empty_batch():
-    plan = plan_lib.make_dispatch_plan(np.zeros((0, 2), np.int32), 4)
+@pytest.mark.parametrize("packed", [False, True])
+def test_empty_batch(packed):
+    plan = plan_lib.make_dispatch_plan(np.zeros((0, 2), np.int32), 4,
+                                       packed=packed)
     main, overflow = dispatch.dispatch(tf.zeros((0, 3)), plan)
     combined = dispatch.combine((main, overflow), plan, tf.zeros((0, 2)))
-    assert main.shape == (4, 0, 3) and overflow.shape == (0, 0, 3)
+    if packed:
+        assert main.shape == (0, 3) and overflow is None
+        assert plan.expert_rows.numpy().tolist() == [0] * 4
+    else:
+        assert main.shape == (4, 0, 3) and overflow.shape == (0, 0, 3)
     assert combined.shape == (0, 3)
     assert plan.num_dropped.numpy() == 0
 

@@ -68,6 +68,29 @@ def test_experts_compute_each_expert_on_its_own_rows():
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("expert_type", ["ffn", "glu"])
+def test_packed_rows_are_computed_by_their_own_expert(expert_type):
+    """Packed rows `[N, d]`: expert e's `expert_rows[e]` rows in turn (an
+    expert with none among them), each through its own weights."""
+    layer = experts_lib.Experts(4, 6, 2, expert_type=expert_type,
+                                bias_initializer="random_normal")
+    expert_rows = [3, 0, 1, 4]
+    rows = tf.random.normal((sum(expert_rows), 5))
+    layer.build((4, None, 5))
+    outputs = layer(rows, expert_rows=tf.constant(expert_rows)).numpy()
+    sharded = layer(rows[None], expert_rows=tf.constant(expert_rows))
+    np.testing.assert_array_equal(sharded.numpy()[0], outputs)
+    # The padded layout is the reference: each expert's rows in [E, C, d].
+    start = 0
+    for e, n in enumerate(expert_rows):
+        padded = np.zeros((4, 4, 5), np.float32)
+        padded[e, :n] = rows[start:start + n].numpy()
+        expected = layer(tf.constant(padded)).numpy()[e, :n]
+        np.testing.assert_allclose(outputs[start:start + n], expected,
+                                   rtol=1e-5, atol=1e-5)
+        start += n
+
+
 def test_each_expert_is_initialised_at_its_own_scale():
     """Glorot for one expert [d, h]: uniform with limit sqrt(6 / (d + h)),
     whatever the number of experts."""

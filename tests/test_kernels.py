@@ -86,13 +86,20 @@ def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy):
     np.testing.assert_allclose(actual.numpy(), expected.numpy(),
                                rtol=tolerance, atol=tolerance)
     report = kernels.measurements()
-    # The two expert layers (6 -> 8, 8 -> 6), three products each, timed at
-    # the rows of a balanced routing in the compute dtype.
-    assert len(report) == 6
+    # The layout, and the padded layout's two expert layers (6 -> 8,
+    # 8 -> 6), three products each, timed at the rows of a balanced
+    # routing in the compute dtype.
+    layouts = [m for m in report if m["product"] == "layout"]
+    products = [m for m in report if m["product"] != "layout"]
+    assert len(layouts) == 1 and len(products) == 6
+    assert set(layouts[0]["seconds"]) == set(kernels.LAYOUTS)
+    assert layouts[0]["chosen"] == kernels._faster_layout(
+        layouts[0]["seconds"])
+    for measured in products:
+        assert measured["chosen"] == kernels._fastest(measured["seconds"])
     for measured in report:
         assert measured["rows"] == plan_lib.balanced_rows(32, 4, 2) == 16
         assert measured["dtype"] == layer.compute_dtype
-        assert measured["chosen"] == kernels._fastest(measured["seconds"])
         assert all(s > 0 for s in measured["seconds"].values())
 
 
@@ -117,6 +124,51 @@ def test_forced_modes_and_programs_without_xla(kernel_mode):
     assert kernels.choose(1, 4, 8, 2, 3, tf.float32, allow_xla=False) == (
         "tensorflow",) * 3
     assert kernels.measurements() == []
+
+
+def test_layout_is_timed_once_per_shape_and_the_faster_runs(kernel_mode):
+    kernel_mode("auto")
+    shape = kernels.LayoutShape("CPU", "float32", 8, 16, 4, 6, 4, "ffn")
+    built = []
+    matrix = tf.random.normal((256, 256))
+
+    def make_candidates(experts):
+        built.append(experts)
+        x = tf.random.normal((experts, 4))
+
+        def slow(x):  # Twenty 256 x 256 products against one addition.
+            product = matrix
+            for _ in range(20):
+                product = tf.matmul(product, matrix) / 256.0
+            return x * tf.reduce_mean(product)
+
+        return {"padded": (slow, (x,)), "packed": (lambda x: x + 1.0, (x,))}
+
+    assert kernels.choose_layout(shape, make_candidates) == "packed"
+    assert kernels.choose_layout(shape, make_candidates) == "packed"
+    assert built == [8]  # Timed once, on all 8 experts.
+    report, = kernels.measurements()
+    assert report["product"] == "layout" and report["chosen"] == "packed"
+    assert report["seconds"]["packed"] < report["seconds"]["padded"]
+    # More experts than one op each allows: padded, untimed.
+    many = shape._replace(experts=kernels.PER_EXPERT_MAX_EXPERTS + 1)
+    assert kernels.choose_layout(many, make_candidates) == "padded"
+    for mode, layout in [("tensorflow", "padded"), ("xla", "padded"),
+                         ("per_expert", "packed")]:
+        kernel_mode(mode)
+        assert kernels.choose_layout(shape._replace(rows=3),
+                                     make_candidates) == layout
+    assert built == [8]
+    # "per_expert" runs TensorFlow's kernels on padded buffers.
+    assert kernels.choose(1, 4, 8, 2, 3, tf.float32) == ("tensorflow",) * 3
+
+
+def test_padded_must_beat_packed_by_the_required_speedup():
+    margin = 1 - kernels.REQUIRED_SPEEDUP
+    assert kernels._faster_layout({"packed": 1.0,
+                                   "padded": 0.99 * margin}) == "padded"
+    assert kernels._faster_layout({"packed": 1.0,
+                                   "padded": 1.01 * margin}) == "packed"
 
 
 def test_set_mode_refuses_an_unknown_mode():

@@ -34,18 +34,21 @@ CASES = [
 
 
 # Dropless cases again with free overflow experts, so that the plans split
-# into a main and an overflow group.
-CASES_WITH_COST = ([case + (None,) for case in CASES]
-                   + [case + (0,) for case in CASES
-                      if case[4] is None and case[0] > 1])
+# into a main and an overflow group; every case again in the packed layout
+# (kernel mode "per_expert": one matmul pair per expert, no padding).
+CASES_WITH_COST = ([case + (None, "tensorflow") for case in CASES]
+                   + [case + (0, "tensorflow") for case in CASES
+                      if case[4] is None and case[0] > 1]
+                   + [case + (None, "per_expert") for case in CASES])
 
 
 @pytest.mark.parametrize(
-    "num_experts, k, shape, masked, capacity_factor, overflow_expert_cost",
-    CASES_WITH_COST)
+    "num_experts, k, shape, masked, capacity_factor, overflow_expert_cost, "
+    "mode", CASES_WITH_COST)
 def test_matches_dense_reference_outputs_and_gradients(
         num_experts, k, shape, masked, capacity_factor, overflow_expert_cost,
-        monkeypatch):
+        mode, monkeypatch, kernel_mode):
+    kernel_mode(mode)
     if overflow_expert_cost is not None:
         monkeypatch.setattr(tf_moe.plan, "OVERFLOW_EXPERT_COST",
                             overflow_expert_cost)

@@ -58,17 +58,19 @@ def dispatch(tokens, plan):
 
     Returns:
         `(main [..., E, C, d], overflow [E2, C2, d])`, overflow None for a
-        plan without an overflow group; unfilled rows are zero.
+        plan without an overflow group; unfilled rows are zero. A packed
+        plan's main buffer is `[..., N, d]`, its rows.
     """
     shard_dims = _shard_dims(plan)
     k = tf.shape(plan.slot_buffer_row)[-1]
     model_dim = tokens.shape[-1]
     num_experts = plan.num_experts
-    num_main_rows = num_experts * plan.capacity
     lead = plan.slot_buffer_row.shape[:shard_dims].as_list()
     row_tokens = plan.buffer_slot // k  # One past the last: a zero row.
 
     def to_main(rows):
+        if plan.packed:
+            return rows
         return tf.reshape(rows, lead + [num_experts, plan.capacity,
                                         model_dim])
 
@@ -90,6 +92,8 @@ def dispatch(tokens, plan):
                                          batch_dims=shard_dims)), grad
 
         return gather_main(tokens), None
+
+    num_main_rows = num_experts * plan.capacity
 
     @scoped_gradient.custom_gradient
     def gather_both(tokens):
@@ -115,7 +119,7 @@ def combine(expert_outputs, plan, gate_weights):
 
     Args:
         expert_outputs: `(main [..., E, C, d_out], overflow [E2, C2, d_out]
-            or None)`.
+            or None)`; a packed plan's main is `[..., N, d_out]`.
         plan: the `DispatchPlan` the buffers were made with.
         gate_weights: `[..., tokens, k]`; slots not kept contribute nothing.
 
@@ -127,7 +131,6 @@ def combine(expert_outputs, plan, gate_weights):
     d_out = main.shape[-1]
     lead = main.shape[:shard_dims].as_list()
     main_shape = tf.shape(main)
-    num_main_rows = plan.num_experts * plan.capacity
 
     def main_rows(main):
         return tf.reshape(main, lead + [-1, d_out])
@@ -149,6 +152,7 @@ def combine(expert_outputs, plan, gate_weights):
         slot_outputs = gather_from_main(main)
     else:
         overflow_shape = tf.shape(overflow)
+        num_main_rows = plan.num_experts * plan.capacity
 
         @scoped_gradient.custom_gradient
         def gather_from_both(main, overflow):

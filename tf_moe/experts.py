@@ -3,9 +3,11 @@
 import contextlib
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from tf_moe import distribution
+from tf_moe import kernels
 from tf_moe.matmul import buffer_matmul
 
 EXPERT_TYPES = ("ffn", "glu")
@@ -44,18 +46,27 @@ class Experts(keras.layers.Layer):
     axis by its first dimension (unless `sharded=False`, for the shared
     experts every token goes through).
 
+    The buffers come in one of two layouts (`tf_moe.plan`), whichever
+    `layout` measured faster: padded, run as batched matmuls over E, or
+    packed, run as one matmul pair per expert on its own rows.
+
     Call arguments:
         main: `[E, C, d]`: row c of expert e is one token for expert e; or
-            `[shards, E, C, d]`, one such buffer per token shard.
+            `[shards, E, C, d]`, one such buffer per token shard. Packed
+            (with `expert_rows`): `[(1,) N, d]`, the rows of expert 0, then
+            of expert 1, ...
         overflow: optional `[E2, C2, d]`, more rows for some experts.
         overflow_experts: `[E2]` int32, the expert of each overflow block.
         training: enables dropout on the hidden activations.
         rows_hint: the rows per expert to choose the products' kernels for
             when `main`'s C is known only at run time (`tf_moe.kernels`).
+        expert_rows: `[E]` int32, the rows of each expert in a packed
+            `main` (no overflow then); None for padded buffers.
 
     Returns:
-        The structure of the input: `[(shards,) E, C, d_out]` for `main`
-        alone; with `overflow`, the pair of it and `[E2, C2, d_out]`.
+        The structure of the input: `[(shards,) E, C, d_out]` (padded) or
+        `[(1,) N, d_out]` (packed) for `main` alone; with `overflow`, the
+        pair of it and `[E2, C2, d_out]`.
     """
 
     def __init__(self, num_experts, hidden_size, output_size,
@@ -116,14 +127,44 @@ class Experts(keras.layers.Layer):
         return self.activation(pre_activation)
 
     def call(self, main, overflow=None, overflow_experts=None,
-             training=None, rows_hint=None):
+             training=None, rows_hint=None, expert_rows=None):
+        weights = self._weights()
+        if expert_rows is not None:
+            if main.shape.rank == 2:
+                return self._packed(main, expert_rows, weights, training)
+            return tf.expand_dims(self._packed(
+                tf.squeeze(main, 0), expert_rows, weights, training), 0)
         unsharded = main.shape.rank == 3
         if unsharded:
             main = main[None]
+        main_out, overflow_out = self._padded(
+            main, overflow, overflow_experts, weights, training, rows_hint)
+        if unsharded:
+            main_out = main_out[0]
+        return main_out if overflow is None else (main_out, overflow_out)
+
+    def _weights(self):
+        """`(kernel_in, bias_in, kernel_out, bias_out)` tensors, the biases
+        None for glu experts."""
+        return tuple(None if w is None else tf.convert_to_tensor(w)
+                     for w in (self.kernel_in, self.bias_in, self.kernel_out,
+                               self.bias_out))
+
+    def _activate(self, hidden, training):
+        hidden = self.hidden_activation(hidden)
+        if self.dropout_rate > 0:
+            hidden = self.dropout(hidden, training=training)
+        return hidden
+
+    def _padded(self, main, overflow, overflow_experts, weights, training,
+                rows_hint):
+        """`[S, E, C, d]` and optional `[E2, C2, d]` buffers, as batched
+        matmuls: `([S, E, C, d_out], [E2, C2, d_out] or None)`."""
+        kernel_in, bias_in, kernel_out, bias_out = weights
 
         def layer(inputs, kernel, bias):
             main_out, overflow_out = buffer_matmul(
-                *inputs, tf.convert_to_tensor(kernel), overflow_experts,
+                *inputs, kernel, overflow_experts,
                 allow_xla=self.strategy.compiles_experts,
                 rows_hint=rows_hint)
             if bias is None:
@@ -133,22 +174,69 @@ class Experts(keras.layers.Layer):
                 overflow_out += tf.gather(bias, overflow_experts)[:, None, :]
             return main_out, overflow_out
 
-        def activate(inputs):
-            hidden = [None if h is None else self.hidden_activation(h)
-                      for h in inputs]
-            if self.dropout_rate > 0:
-                hidden = [None if h is None
-                          else self.dropout(h, training=training)
-                          for h in hidden]
-            return hidden
+        hidden = [None if h is None else self._activate(h, training)
+                  for h in layer((main, overflow), kernel_in, bias_in)]
+        return layer(hidden, kernel_out, bias_out)
 
-        hidden = activate(layer((main, overflow), self.kernel_in,
-                                self.bias_in))
-        main_out, overflow_out = layer(hidden, self.kernel_out,
-                                       self.bias_out)
-        if unsharded:
-            main_out = main_out[0]
-        return main_out if overflow is None else (main_out, overflow_out)
+    def _packed(self, rows, expert_rows, weights, training):
+        """`[N, d]` rows sorted by expert, `expert_rows[e]` of expert e, as
+        one matmul pair per expert (which TensorFlow's graph optimizer
+        fuses with the bias and activation): `[N, d_out]`."""
+        num_experts = weights[0].shape[0]
+        per_expert = [[None] * num_experts if w is None else tf.unstack(w)
+                      for w in weights]
+        outputs = []
+        for part, w_in, b_in, w_out, b_out in zip(
+                tf.split(rows, expert_rows, num=num_experts), *per_expert):
+            hidden = tf.matmul(part, w_in)
+            if b_in is not None:
+                hidden += b_in
+            output = tf.matmul(self._activate(hidden, training), w_out)
+            if b_out is not None:
+                output += b_out
+            outputs.append(output)
+        return tf.concat(outputs, axis=0)
+
+    def layout(self, rows, dtype):
+        """"padded" or "packed": the layout these experts run faster in
+        (`tf_moe.kernels.choose_layout`), at `rows` per expert (None:
+        `tf_moe.kernels.DEFAULT_ROWS`) in the compute dtype `dtype`."""
+        model_dim = self.kernel_in.shape[1]
+        shape = kernels.LayoutShape(
+            kernels.device_type(), tf.as_dtype(dtype).name, self.num_experts,
+            int(rows or kernels.DEFAULT_ROWS), model_dim,
+            self.kernel_in.shape[2], self.output_size, self.expert_type)
+
+        def make_candidates(experts):
+            rng = np.random.default_rng(0)
+
+            def random(*shape):
+                return tf.cast(rng.standard_normal(shape, np.float32), dtype)
+
+            weights = tuple(
+                None if w is None else random(experts, *w.shape[1:])
+                for w in (self.kernel_in, self.bias_in, self.kernel_out,
+                          self.bias_out))
+            trainable = tuple(w for w in weights if w is not None)
+
+            def with_absent_biases(trained):  # glu experts have none
+                trained = iter(trained)
+                return tuple(None if w is None else next(trained)
+                             for w in weights)
+
+            rows_per_expert = shape.rows
+            padded = random(1, experts, rows_per_expert, model_dim)
+            packed = tf.reshape(padded, [-1, model_dim])
+            expert_rows = tf.fill([experts], rows_per_expert)
+            return {
+                "padded": (lambda x, *w: self._padded(
+                    x, None, None, with_absent_biases(w), False, rows_per_expert)[0],
+                    (padded,) + trainable),
+                "packed": (lambda x, *w: self._packed(
+                    x, expert_rows, with_absent_biases(w), False), (packed,) + trainable),
+            }
+
+        return kernels.choose_layout(shape, make_candidates)
 
     def every_token(self, tokens, training=None):
         """`[T, d] -> [T, d_out]`: every expert on every token, summed (the

@@ -259,21 +259,26 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
 
     def _run_experts(self, tokens, token_mask, gate_output, training):
         """Dispatch, experts and combine: `([T, d_out], DispatchPlan)`."""
-        with tf.name_scope("plan"):
-            plan, shards = self.strategy.plan(
-                gate_output.expert_ids, self.num_experts,
-                self.experts_per_token, self.capacity_factor,
-                token_mask=token_mask, slot_mask=gate_output.slot_mask)
-        with tf.name_scope("dispatch"):
-            main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
-            main = self.strategy.to_experts(main)
         shard_tokens = (None if tokens.shape[0] is None else
                         tokens.shape[0] // self.strategy.num_token_shards)
         rows_hint = plan_lib.balanced_rows(
             shard_tokens, self.num_experts, self.experts_per_token)
+        with tf.name_scope("plan"):
+            # The packed layout's shapes vary per batch: not on a mesh.
+            packed = not self.strategy.static_shapes and (
+                self.experts.layout(rows_hint, tokens.dtype) == "packed")
+            plan, shards = self.strategy.plan(
+                gate_output.expert_ids, self.num_experts,
+                self.experts_per_token, self.capacity_factor,
+                token_mask=token_mask, slot_mask=gate_output.slot_mask,
+                packed=packed)
+        with tf.name_scope("dispatch"):
+            main, overflow = dispatch_lib.dispatch(shards(tokens), plan)
+            main = self.strategy.to_experts(main)
         if overflow is None:
             main_out, overflow_out = self.experts(
-                main, training=training, rows_hint=rows_hint), None
+                main, training=training, rows_hint=rows_hint,
+                expert_rows=plan.expert_rows), None
         else:  # Dropless, one shard: the experts also take the overflow.
             main_out, overflow_out = self.experts(
                 main, overflow, plan.overflow_experts, training=training,

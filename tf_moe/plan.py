@@ -24,6 +24,13 @@ rows plus a cost per overflow expert for gathering its weights. The shapes
 then vary per batch, so a dropless plan has one shard. With a fixed
 capacity C there is no overflow group, and slots past C are dropped and
 counted: static shapes, for XLA and for a mesh.
+
+The packed layout (one shard, dropless or a fixed capacity) has no padding:
+`[N, d]`, the N kept slots sorted by expert, expert e's `expert_rows[e]`
+rows in turn. Batched matmuls cannot run it; experts run one matmul each
+on their own rows (`tf_moe.experts`), as a per-expert dispatcher does,
+which is the faster form where TensorFlow's 2-D kernels beat its batched
+ones (`tf_moe.kernels.choose_layout`).
 """
 
 import math
@@ -63,6 +70,10 @@ class DispatchPlan(NamedTuple):
             tensor for a dropless plan, the int 0 for a fixed capacity
             (which has no overflow group).
         num_dropped: scalar int32, routed slots that were not kept.
+        expert_rows: `[E]` int32 rows of each expert in a packed plan's
+            buffer `[N, d]` (the module docstring); None in the padded
+            layout. A packed plan has no overflow group, and its capacity
+            is the fixed one, or None for dropless.
     """
 
     buffer_slot: tf.Tensor
@@ -72,6 +83,12 @@ class DispatchPlan(NamedTuple):
     overflow_experts: tf.Tensor
     overflow_capacity: Any
     num_dropped: tf.Tensor
+    expert_rows: Any = None
+
+    @property
+    def packed(self):
+        """Whether the buffer is packed, `[N, d]` (else `[E, C, d]`)."""
+        return self.expert_rows is not None
 
     @property
     def has_overflow(self):
@@ -168,7 +185,7 @@ def split_capacity(expert_counts, overflow_expert_cost=None):
 
 def make_dispatch_plan(expert_ids, num_experts, capacity=None,
                        token_mask=None, slot_mask=None,
-                       overflow_expert_cost=None):
+                       overflow_expert_cost=None, packed=False):
     """Builds the routing plan for one batch.
 
     Within an expert, slots are taken in order of gate rank, then token:
@@ -188,23 +205,30 @@ def make_dispatch_plan(expert_ids, num_experts, capacity=None,
             routed.
         slot_mask: optional `[..., tokens, k]` bool; masked slots are not
             routed.
-        overflow_expert_cost: see `split_capacity` (dropless only).
+        overflow_expert_cost: see `split_capacity` (dropless, padded only).
+        packed: the packed layout (the module docstring; one shard).
 
     Returns:
         A `DispatchPlan`, its index maps with the shard dimension of
         `expert_ids` (none for `[tokens, k]`).
     """
     expert_ids = tf.convert_to_tensor(expert_ids, tf.int32)
-    if expert_ids.shape.rank == 3:
+
+    def sharded_plan(expert_ids, token_mask, slot_mask):
+        if packed:
+            return _packed_plan(expert_ids, num_experts, capacity, token_mask,
+                                slot_mask)
         return _sharded_plan(expert_ids, num_experts, capacity, token_mask,
                              slot_mask, overflow_expert_cost)
+
+    if expert_ids.shape.rank == 3:
+        return sharded_plan(expert_ids, token_mask, slot_mask)
 
     def one_shard(x):
         return None if x is None else tf.convert_to_tensor(x)[None]
 
-    plan = _sharded_plan(expert_ids[None], num_experts, capacity,
-                         one_shard(token_mask), one_shard(slot_mask),
-                         overflow_expert_cost)
+    plan = sharded_plan(expert_ids[None], one_shard(token_mask),
+                        one_shard(slot_mask))
     return plan._replace(buffer_slot=plan.buffer_slot[0],
                          slot_buffer_row=plan.slot_buffer_row[0])
 
@@ -216,14 +240,22 @@ def _invert_permutations(order):
     return tf.argsort(order, axis=1, stable=True)
 
 
-def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
-                  overflow_expert_cost):
-    # Longer than most functions here: the slot side and the buffer side
-    # share the sort, the counts and the capacities.
+class _SortedSlots(NamedTuple):
+    """A batch's routing slots sorted by expert, per shard. Slots are
+    numbered rank-major here, `rank * tokens + token`, so that a stable
+    sort puts every first choice of an expert before any second choice."""
+
+    slot_experts: tf.Tensor  # [S, k*T], E (a sentinel) for masked slots
+    shard_counts: tf.Tensor  # [S, E] slots routed to each expert
+    starts: tf.Tensor  # [S, E + 1] sorted position of each expert's first
+    order: tf.Tensor  # [S, k*T] sorted position -> slot
+    position: tf.Tensor  # [S, k*T] each slot's position within its expert
+
+
+def _sort_slots(expert_ids, num_experts, token_mask, slot_mask):
     num_shards = expert_ids.shape[0]
     shape = tf.shape(expert_ids)
     num_tokens, k = shape[1], shape[2]
-    num_slots = num_tokens * k
 
     def rank_major(x):  # [S, T, k] -> [S, k*T]: slot s = rank * T + token
         return tf.reshape(tf.transpose(x, [0, 2, 1]), [num_shards, -1])
@@ -243,9 +275,74 @@ def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
         tf.ones_like(slot_experts),
         slot_experts + (num_experts + 1) * tf.range(num_shards)[:, None],
         num_shards * (num_experts + 1)), [num_shards, num_experts + 1])
-    shard_counts = counts_with_sentinel[:, :num_experts]  # [S, E]
-    expert_counts = tf.reduce_sum(shard_counts, axis=0)
     starts = tf.cumsum(counts_with_sentinel, axis=1, exclusive=True)
+    order = tf.argsort(slot_experts, axis=1, stable=True)
+    sorted_experts = tf.gather(slot_experts, order, batch_dims=1)
+    position = tf.gather(
+        tf.range(num_tokens * k)
+        - tf.gather(starts, sorted_experts, batch_dims=1),
+        _invert_permutations(order), batch_dims=1)
+    return _SortedSlots(slot_experts, counts_with_sentinel[:, :num_experts],
+                        starts, order, position)
+
+
+def _token_major(rank_major_slot, num_tokens, k):
+    """Rank-major slot numbers (`_SortedSlots`) -> token-major ones, `token
+    * k + rank`."""
+    safe_tokens = tf.maximum(num_tokens, 1)
+    return (rank_major_slot % safe_tokens) * k + rank_major_slot // safe_tokens
+
+
+def _packed_plan(expert_ids, num_experts, capacity, token_mask, slot_mask):
+    """The packed layout (see `make_dispatch_plan`), one shard."""
+    if expert_ids.shape[0] != 1:
+        raise ValueError("a packed plan has one token shard (its shapes vary "
+                         f"per batch); got {expert_ids.shape[0]} shards.")
+    shape = tf.shape(expert_ids)
+    num_tokens, k = shape[1], shape[2]
+    slots = _sort_slots(expert_ids, num_experts, token_mask, slot_mask)
+    slot_experts, order = slots.slot_experts[0], slots.order[0]
+    position = slots.position[0]
+    expert_counts = slots.shard_counts[0]
+    expert_rows = (expert_counts if capacity is None
+                   else tf.minimum(expert_counts, capacity))
+    num_rows = tf.reduce_sum(expert_rows)
+    real_expert = tf.minimum(slot_experts, num_experts - 1)
+    slot_kept = (slot_experts < num_experts) & (
+        position < tf.gather(expert_rows, real_expert))
+    slot_row = tf.where(
+        slot_kept,
+        tf.gather(tf.cumsum(expert_rows, exclusive=True), real_expert)
+        + position, num_rows)
+    slot_buffer_row = tf.transpose(tf.reshape(slot_row, [1, k, num_tokens]),
+                                   [0, 2, 1])
+    slot_buffer_row.set_shape(expert_ids.shape)
+    # Sorted order is by expert, then position: the kept slots, in it, are
+    # the rows in order.
+    buffer_slot = _token_major(
+        tf.boolean_mask(order, tf.gather(slot_kept, order)), num_tokens, k)
+    return DispatchPlan(
+        buffer_slot=buffer_slot[None],
+        slot_buffer_row=slot_buffer_row,
+        expert_counts=expert_counts,
+        capacity=capacity,
+        overflow_experts=tf.zeros([0], tf.int32),
+        overflow_capacity=0,
+        num_dropped=tf.reduce_sum(expert_counts - expert_rows),
+        expert_rows=expert_rows)
+
+
+def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
+                  overflow_expert_cost):
+    # Longer than most functions here: the slot side and the buffer side
+    # share the sort, the counts and the capacities.
+    num_shards = expert_ids.shape[0]
+    shape = tf.shape(expert_ids)
+    num_tokens, k = shape[1], shape[2]
+    num_slots = num_tokens * k
+    slots = _sort_slots(expert_ids, num_experts, token_mask, slot_mask)
+    slot_experts, shard_counts, starts, order, position = slots
+    expert_counts = tf.reduce_sum(shard_counts, axis=0)
 
     dropless = capacity is None
     if dropless:
@@ -265,13 +362,7 @@ def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
     num_main_rows = num_experts * capacity
     num_rows = num_main_rows + tf.size(overflow_experts) * overflow_capacity
 
-    order = tf.argsort(slot_experts, axis=1, stable=True)  # sorted -> slot
-
-    # Slot side: each slot's position within its expert, then its row.
-    sorted_experts = tf.gather(slot_experts, order, batch_dims=1)
-    position = tf.gather(
-        tf.range(num_slots) - tf.gather(starts, sorted_experts, batch_dims=1),
-        _invert_permutations(order), batch_dims=1)
+    # Slot side: each slot's row.
     slot_row = slot_experts * capacity + position
     if dropless:
         real_expert = tf.minimum(slot_experts, num_experts - 1)
@@ -306,11 +397,9 @@ def _sharded_plan(expert_ids, num_experts, capacity, token_mask, slot_mask,
     rank_major_slot = tf.gather(
         tf.concat([order, tf.fill([num_shards, 1], num_slots)], axis=1),
         row_sorted_position, batch_dims=1)
-    safe_tokens = tf.maximum(num_tokens, 1)
-    buffer_slot = tf.where(
-        rank_major_slot < num_slots,
-        (rank_major_slot % safe_tokens) * k + rank_major_slot // safe_tokens,
-        num_slots)
+    buffer_slot = tf.where(rank_major_slot < num_slots,
+                           _token_major(rank_major_slot, num_tokens, k),
+                           num_slots)
 
     num_dropped = tf.reduce_sum(tf.maximum(
         shard_counts - capacity - overflow_capacity, 0))

@@ -51,7 +51,7 @@ class OneDevice:
 
     def plan(self, expert_ids, num_experts, experts_per_token,
              capacity_factor, token_mask=None, slot_mask=None,
-             exact_capacity=None):
+             exact_capacity=None, packed=False):
         """The plan of a batch's routing slots into `num_experts` buffers,
         one set per token shard.
 
@@ -64,6 +64,8 @@ class OneDevice:
             slot_mask: optional `[T, k]` bool.
             exact_capacity: optional scalar int32, the rows every expert
                 receives when a balanced gate fixes it.
+            packed: the packed buffer layout (`tf_moe.plan`); only where
+                shapes may vary (`static_shapes` False).
 
         Returns:
             `(plan, shards)`: the `DispatchPlan` (with a shard dimension)
@@ -85,7 +87,7 @@ class OneDevice:
         plan = plan_lib.make_dispatch_plan(
             expert_ids, num_experts, capacity=capacity,
             token_mask=self.shard_tokens(token_mask),
-            slot_mask=self.shard_tokens(slot_mask))
+            slot_mask=self.shard_tokens(slot_mask), packed=packed)
         return plan, self.shard_tokens
 
     def fit_capacity(self, capacity, exact_capacity):

@@ -14,8 +14,11 @@ per-expert dispatcher (bench/partition_baseline.py) and the other MoE
 layers of the ecosystem (bench/peers.py: GShard's one-hot einsum, TF Model
 Garden's MoeLayer, keras-hub's Mixtral block). Each
 configuration runs in its own process, so its peak resident memory is its
-own; all are measured in one run of this script, and the ratios in the
-table compare numbers from that run. Prints a markdown table and writes
+own; all are measured in one run of this script. The dense FFN's process
+stays up for the whole run, and every configuration's steps alternate with
+its steps in rounds: a configuration's ratio to dense is the median of its
+rounds' ratios, so a slow spell of this shared machine slows both sides of
+a ratio rather than one row of the table. Prints a markdown table and writes
 JSON (bench/results/layer.json by default). Asserts nothing about time.
 """
 
@@ -24,6 +27,8 @@ import json
 import math
 import os
 import resource
+import statistics
+import sys
 import time
 
 import workers
@@ -60,8 +65,12 @@ def _parse_args(argv=None):
         help="Comma-separated capacity factors of tf_moe.MoE, one row per "
              "factor: 'none' is dropless dispatch (the default), a number "
              "a fixed capacity of ceil(factor * k * tokens / E) per expert.")
-    parser.add_argument("--steps", type=int, default=10,
-                        help="Timed steps per configuration (median taken).")
+    parser.add_argument(
+        "--steps", type=int, default=10,
+        help="Timed steps per configuration, in as many rounds: each round "
+             "times one step of the configuration and one of the dense FFN, "
+             "and the ratio to dense is the median of the rounds' ratios "
+             "(a slow spell of the machine slows both).")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "layer.json"))
@@ -93,6 +102,8 @@ def _parse_args(argv=None):
              "--tokens.")
     parser.add_argument("--worker", default=None,
                         help=argparse.SUPPRESS)  # see parse_worker
+    parser.add_argument("--serve", action="store_true",
+                        help=argparse.SUPPRESS)  # see workers.Server
     return parser.parse_args(argv)
 
 
@@ -223,11 +234,21 @@ def _run_worker(args):
     variables = layer.trainable_variables
     for _ in range(args.warmup):
         step(inputs)[1].numpy()
-    times = []
-    for _ in range(args.steps):
+
+    def timed_step():
         start = time.perf_counter()
         step(inputs)[1].numpy()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    if args.serve:  # workers.Server: one timed step per command.
+        times = []
+        for command in sys.stdin:
+            if command.strip() != "step":
+                break
+            times.append(timed_step())
+            print(f"TIME {times[-1]!r}", flush=True)
+    else:
+        times = [timed_step() for _ in range(args.steps)]
 
     result = {
         "layer": kind,
@@ -300,14 +321,42 @@ def _worker_env(malloc):
     return env
 
 
-def _measure(args, worker):
-    """One worker's RESULT (bench_hierarchical passes its own `args`,
-    without the peers' flags)."""
+def _worker_flags(worker):
     flags = ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup")
     if parse_worker(worker)[0] in _PEERS:
         flags += ("gshard_capacity_factor", "peer_group_size")
-    return workers.measure(os.path.abspath(__file__), worker, args, flags,
-                           env=_worker_env(args.malloc))
+    return flags
+
+
+def _measure(args, worker):
+    """One worker's RESULT, its steps timed in a row (bench_hierarchical
+    passes its own `args`, without the peers' flags)."""
+    return workers.measure(os.path.abspath(__file__), worker, args,
+                           _worker_flags(worker), env=_worker_env(args.malloc))
+
+
+def _server(args, worker):
+    return workers.Server(os.path.abspath(__file__), worker, args,
+                          _worker_flags(worker), env=_worker_env(args.malloc))
+
+
+def _measure_beside(args, worker, dense):
+    """`worker`'s RESULT, timed in `args.steps` rounds beside the dense
+    FFN's `workers.Server`: `ratio_to_dense` is the median of the rounds'
+    ratios (`ratios_to_dense_all`, of `step_seconds_all` over
+    `dense_step_seconds_all`)."""
+    with _server(args, worker) as server:
+        dense_seconds = []
+        for _ in range(args.steps):
+            dense_seconds.append(dense.step())
+            server.step()
+        result = server.result()
+    result["dense_step_seconds_all"] = dense_seconds
+    result["ratios_to_dense_all"] = [
+        seconds / dense_step for seconds, dense_step
+        in zip(result["step_seconds_all"], dense_seconds)]
+    result["ratio_to_dense"] = statistics.median(result["ratios_to_dense_all"])
+    return result
 
 
 def main(argv=None):
@@ -329,50 +378,16 @@ def main(argv=None):
           f"(dense FFN hidden={args.k * args.hidden_size}); "
           f"malloc={args.malloc}; TF_ENABLE_ONEDNN_OPTS="
           f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up",
-          flush=True)
-    dense = _measure(args, "dense")
-    print(f"dense: {dense['step_seconds']:.3f} s/step", flush=True)
-    rows = []
-    peer_rows = []
-    for num_experts in experts:
-        this_e = []
-        for gating in gatings:
-            for mode in kernel_modes:
-                for capacity in capacity_factors:
-                    moe = _measure(
-                        args, f"moe:{num_experts}:{gating}:{mode}:{capacity}")
-                    moe["ratio_to_dense"] = (moe["step_seconds"]
-                                             / dense["step_seconds"])
-                    print(f"E={num_experts} {gating} kernels={mode} "
-                          f"{_dispatch_name(moe)}: "
-                          f"{moe['step_seconds']:.3f} s/step "
-                          f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
-                    this_e.append(moe)
-        rows += this_e
-        if args.partition_baseline:
-            partition = _measure(args, f"partition:{num_experts}")
-            ratio = partition["step_seconds"] / dense["step_seconds"]
-            for row in this_e:
-                row["partition_step_seconds"] = partition["step_seconds"]
-                row["partition_ratio_to_dense"] = ratio
-            print(f"E={num_experts} dynamic_partition baseline: "
-                  f"{partition['step_seconds']:.3f} s/step "
-                  f"({ratio:.2f}x dense)", flush=True)
-        for peer in peer_kinds:
-            result = {"layer": peer, "num_experts": num_experts}
-            result["skipped"] = _peer_skip_reason(args, peer, num_experts)
-            if result["skipped"] is None:
-                result = _measure(args, f"{peer}:{num_experts}")
-                result["ratio_to_dense"] = (result["step_seconds"]
-                                            / dense["step_seconds"])
-                print(f"E={num_experts} {_PEER_NAMES[peer]}: "
-                      f"{result['step_seconds']:.3f} s/step "
-                      f"({result['ratio_to_dense']:.2f}x dense)", flush=True)
-            else:
-                print(f"E={num_experts} {_PEER_NAMES[peer]}: skipped, "
-                      f"{result['skipped']}", flush=True)
-            peer_rows.append(result)
+          f"{args.steps} rounds (one step of a layer and one of the dense FFN "
+          f"each) after {args.warmup} warm-up; ratios are medians of the "
+          f"rounds' ratios", flush=True)
+    with _server(args, "dense") as dense_server:
+        rows, peer_rows = _measure_configurations(
+            args, experts, gatings, kernel_modes, capacity_factors,
+            peer_kinds, dense_server)
+        dense = dense_server.result()
+    print(f"dense: {dense['step_seconds']:.3f} s/step (median of its "
+          f"{len(dense['step_seconds_all'])} steps)", flush=True)
 
     print()
     def partition_cell(row):
@@ -409,6 +424,50 @@ def main(argv=None):
     print(f"\nwrote {args.output}")
 
 
+def _measure_configurations(args, experts, gatings, kernel_modes,
+                            capacity_factors, peer_kinds, dense):
+    """`(tf_moe rows, peer rows)`: every configuration, each timed beside
+    the dense FFN's server `dense` (`_measure_beside`)."""
+    rows = []
+    peer_rows = []
+    for num_experts in experts:
+        this_e = []
+        for gating in gatings:
+            for mode in kernel_modes:
+                for capacity in capacity_factors:
+                    moe = _measure_beside(
+                        args, f"moe:{num_experts}:{gating}:{mode}:{capacity}",
+                        dense)
+                    print(f"E={num_experts} {gating} kernels={mode} "
+                          f"{_dispatch_name(moe)}: "
+                          f"{moe['step_seconds']:.3f} s/step "
+                          f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
+                    this_e.append(moe)
+        rows += this_e
+        if args.partition_baseline:
+            partition = _measure_beside(args, f"partition:{num_experts}",
+                                        dense)
+            for row in this_e:
+                row["partition_step_seconds"] = partition["step_seconds"]
+                row["partition_ratio_to_dense"] = partition["ratio_to_dense"]
+            print(f"E={num_experts} dynamic_partition baseline: "
+                  f"{partition['step_seconds']:.3f} s/step "
+                  f"({partition['ratio_to_dense']:.2f}x dense)", flush=True)
+        for peer in peer_kinds:
+            result = {"layer": peer, "num_experts": num_experts}
+            result["skipped"] = _peer_skip_reason(args, peer, num_experts)
+            if result["skipped"] is None:
+                result = _measure_beside(args, f"{peer}:{num_experts}", dense)
+                print(f"E={num_experts} {_PEER_NAMES[peer]}: "
+                      f"{result['step_seconds']:.3f} s/step "
+                      f"({result['ratio_to_dense']:.2f}x dense)", flush=True)
+            else:
+                print(f"E={num_experts} {_PEER_NAMES[peer]}: skipped, "
+                      f"{result['skipped']}", flush=True)
+            peer_rows.append(result)
+    return rows, peer_rows
+
+
 def _print_peer_table(args, experts, rows, peer_rows):
     """Every layer's step over the dense FFN's, one row per E: tf_moe's
     configurations, the per-expert dispatcher and the peers."""
@@ -424,7 +483,7 @@ def _print_peer_table(args, experts, rows, peer_rows):
                   for p in dict.fromkeys(row["layer"] for row in peer_rows)]
     headers = ["per-expert dispatcher"] * args.partition_baseline + (
         columns + peer_names)
-    print("\nstep / dense FFN step, same run:\n")
+    print("\nstep / dense FFN step, medians of same-round ratios:\n")
     print("| experts | " + " | ".join(headers) + " |")
     print("|---" * (len(headers) + 1) + "|")
     for num_experts in experts:

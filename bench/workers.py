@@ -1,9 +1,14 @@
 """One benchmark configuration per process: each has its own peak memory
-and its own TensorFlow state. A worker prints `RESULT <json>`."""
+and its own TensorFlow state. A worker prints `RESULT <json>`.
+
+`measure` runs a worker to the end; `Server` keeps one alive and times one
+step at a time, so that the steps of two configurations can alternate in
+rounds and be compared round by round (`Server.step`)."""
 
 import json
 import subprocess
 import sys
+import tempfile
 
 
 def measure(script, worker, args, names, env=None):
@@ -18,6 +23,62 @@ def measure(script, worker, args, names, env=None):
             return json.loads(line[len("RESULT "):])
     raise RuntimeError(f"benchmark worker {worker} failed:\n"
                        f"{completed.stderr[-4000:]}")
+
+
+class Server:
+    """A worker started with `--serve`, timing one step per `step()` call.
+
+    The worker builds its step and runs its warm-up, then reads commands on
+    stdin: `step` times one step and prints `TIME <seconds>`; `result`
+    prints its `RESULT <json>` (over the steps timed so far) and exits. A
+    context manager: leaving it kills a worker that has not finished.
+    """
+
+    def __init__(self, script, worker, args, names, env=None):
+        self.worker = worker
+        command = [sys.executable, script, f"--worker={worker}", "--serve"]
+        command += [f"--{name}={getattr(args, name)}" for name in names]
+        # stderr to a file: TensorFlow's logs would fill a pipe and block.
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=self._stderr, text=True, env=env)
+
+    def step(self):
+        """Seconds of one timed step of this worker."""
+        return float(self._ask("step", "TIME "))
+
+    def result(self):
+        """The worker's RESULT dict; the worker then exits."""
+        result = json.loads(self._ask("result", "RESULT "))
+        self._process.wait()
+        return result
+
+    def _ask(self, command, prefix):
+        try:
+            self._process.stdin.write(command + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            self._fail()
+        for line in self._process.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        self._fail()
+
+    def _fail(self):
+        self._process.wait()
+        self._stderr.seek(0)
+        raise RuntimeError(f"benchmark worker {self.worker} failed:\n"
+                           f"{self._stderr.read()[-4000:]}")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
 
 
 def machine():

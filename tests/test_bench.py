@@ -73,6 +73,29 @@ def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
     assert 0.0 <= fixed["dropped_fraction"] < 0.5
 
 
+def test_layer_benchmark_ratios_are_medians_of_same_round_ratios(tmp_path):
+    output = tmp_path / "layer.json"
+    result = subprocess.run(
+        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
+         "--hidden_size=4", "--k=2", "--steps=3", "--warmup=1",
+         "--malloc=system", "--kernels=tensorflow", "--peers=none",
+         f"--output={output}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    (moe,) = report["moe"]
+    assert len(moe["step_seconds_all"]) == len(
+        moe["dense_step_seconds_all"]) == 3
+    ratios = [seconds / dense for seconds, dense in zip(
+        moe["step_seconds_all"], moe["dense_step_seconds_all"])]
+    assert moe["ratios_to_dense_all"] == ratios
+    assert moe["ratio_to_dense"] == sorted(ratios)[1]
+    # One dense step per round of each configuration: tf_moe's three and
+    # the per-expert dispatcher's three, from the one dense process.
+    assert len(report["dense"]["step_seconds_all"]) == 6
+    assert moe["partition_ratio_to_dense"] > 0
+
+
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "hierarchical.json"
     result = subprocess.run(

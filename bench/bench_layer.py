@@ -241,6 +241,7 @@ def _run_worker(args):
         return time.perf_counter() - start
 
     if args.serve:  # workers.Server: one timed step per command.
+        print("READY", flush=True)
         times = []
         for command in sys.stdin:
             if command.strip() != "step":

@@ -28,10 +28,13 @@ def measure(script, worker, args, names, env=None):
 class Server:
     """A worker started with `--serve`, timing one step per `step()` call.
 
-    The worker builds its step and runs its warm-up, then reads commands on
-    stdin: `step` times one step and prints `TIME <seconds>`; `result`
-    prints its `RESULT <json>` (over the steps timed so far) and exits. A
-    context manager: leaving it kills a worker that has not finished.
+    The worker builds its step and runs its warm-up, prints `READY`, then
+    reads commands on stdin: `step` times one step and prints `TIME
+    <seconds>`; `result` prints its `RESULT <json>` (over the steps timed
+    so far) and exits. The constructor returns once the worker is ready,
+    so that its start (building, the kernels' timing, the warm-up) runs
+    beside no other worker's timed step. A context manager: leaving it
+    kills a worker that has not finished.
     """
 
     def __init__(self, script, worker, args, names, env=None):
@@ -43,6 +46,7 @@ class Server:
         self._process = subprocess.Popen(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=self._stderr, text=True, env=env)
+        self._read_until("READY")
 
     def step(self):
         """Seconds of one timed step of this worker."""
@@ -60,6 +64,11 @@ class Server:
             self._process.stdin.flush()
         except BrokenPipeError:
             self._fail()
+        return self._read_until(prefix)
+
+    def _read_until(self, prefix):
+        """The rest of the worker's next stdout line that starts with
+        `prefix`."""
         for line in self._process.stdout:
             if line.startswith(prefix):
                 return line[len(prefix):]

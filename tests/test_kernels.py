@@ -103,6 +103,24 @@ def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy):
         assert all(s > 0 for s in measured["seconds"].values())
 
 
+def test_padded_layout_is_timed_at_a_fixed_capacity(kernel_mode):
+    # Capacity factor 2: the padded buffers have ceil(2 * 2 * 32 / 4) = 32
+    # rows per expert, twice the 16 kept rows of a balanced routing that
+    # the packed layout computes.
+    layer = tf_moe.MoE(4, 8, k=2, capacity_factor=2.0, seed=0)
+    tokens = tf.random.normal((32, 6))
+    layer(tokens[:8], training=False)
+    kernel_mode("auto")
+    tf.function(lambda x: layer(x, training=False))(tokens)
+    layout, = [m for m in kernels.measurements() if m["product"] == "layout"]
+    assert layout["rows"] == 16 and layout["padded_rows"] == 32
+    # Dropless: both at the balanced rows.
+    kernels.clear_measurements()
+    tf_moe.MoE(4, 8, k=2, seed=0)(tokens, training=False)
+    layout, = [m for m in kernels.measurements() if m["product"] == "layout"]
+    assert layout["rows"] == 16 and layout["padded_rows"] is None
+
+
 def test_other_kernels_must_beat_tensorflows_by_the_required_speedup():
     margin = 1 - kernels.REQUIRED_SPEEDUP
     assert kernels._fastest({"tensorflow": 1.0, "xla": 0.99 * margin}) == (

@@ -197,15 +197,20 @@ class Experts(keras.layers.Layer):
             outputs.append(output)
         return tf.concat(outputs, axis=0)
 
-    def layout(self, rows, dtype):
+    def layout(self, rows, dtype, capacity=None):
         """"padded" or "packed": the layout these experts run faster in
         (`tf_moe.kernels.choose_layout`), at `rows` per expert (None:
-        `tf_moe.kernels.DEFAULT_ROWS`) in the compute dtype `dtype`."""
+        `tf_moe.kernels.DEFAULT_ROWS`) in the compute dtype `dtype`, the
+        padded buffers at `capacity` rows each where a fixed capacity sets
+        them (a padded buffer computes every row of its capacity, a packed
+        one only the rows kept)."""
         model_dim = self.kernel_in.shape[1]
+        rows = int(rows or kernels.DEFAULT_ROWS)
         shape = kernels.LayoutShape(
             kernels.device_type(), tf.as_dtype(dtype).name, self.num_experts,
-            int(rows or kernels.DEFAULT_ROWS), model_dim,
-            self.kernel_in.shape[2], self.output_size, self.expert_type)
+            rows, model_dim, self.kernel_in.shape[2], self.output_size,
+            self.expert_type,
+            None if capacity is None else max(rows, int(capacity)))
 
         def make_candidates(experts):
             rng = np.random.default_rng(0)
@@ -225,13 +230,14 @@ class Experts(keras.layers.Layer):
                              for w in weights)
 
             rows_per_expert = shape.rows
-            padded = random(1, experts, rows_per_expert, model_dim)
-            packed = tf.reshape(padded, [-1, model_dim])
+            padded_rows = shape.padded_rows or rows_per_expert
+            padded = random(1, experts, padded_rows, model_dim)
+            packed = tf.reshape(padded[:, :, :rows_per_expert], [-1, model_dim])
             expert_rows = tf.fill([experts], rows_per_expert)
             return {
                 "padded": (lambda x, *w: self._padded(
-                    x, None, None, with_absent_biases(w), False, rows_per_expert)[0],
-                    (padded,) + trainable),
+                    x, None, None, with_absent_biases(w), False,
+                    padded_rows)[0], (padded,) + trainable),
                 "packed": (lambda x, *w: self._packed(
                     x, expert_rows, with_absent_biases(w), False), (packed,) + trainable),
             }

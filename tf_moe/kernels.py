@@ -43,7 +43,7 @@ caller can run a product of other shapes in the same orientation.
 import functools
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -260,11 +260,14 @@ class LayoutShape(NamedTuple):
     device: str
     dtype: str
     experts: int
-    rows: int
+    rows: int  # of each expert in the packed layout
     model_dim: int
     hidden_width: int  # of the first matmul (2h for a glu expert)
     output_size: int
     expert_type: str
+    # Of each expert's padded buffer where a fixed capacity sets them (each
+    # layout is timed at the rows it computes); None: `rows`.
+    padded_rows: Optional[int] = None
 
 
 def choose_layout(shape, make_candidates):

@@ -266,7 +266,9 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         with tf.name_scope("plan"):
             # The packed layout's shapes vary per batch: not on a mesh.
             packed = not self.strategy.static_shapes and (
-                self.experts.layout(rows_hint, tokens.dtype) == "packed")
+                self.experts.layout(rows_hint, tokens.dtype,
+                                    self._fixed_capacity(shard_tokens))
+                == "packed")
             plan, shards = self.strategy.plan(
                 gate_output.expert_ids, self.num_experts,
                 self.experts_per_token, self.capacity_factor,
@@ -288,6 +290,16 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             outputs = dispatch_lib.combine((main_out, overflow_out), plan,
                                            shards(gate_output.gate_weights))
             return self.strategy.merge_shards(outputs), plan
+
+    def _fixed_capacity(self, shard_tokens):
+        """The rows of each expert's buffer under a fixed capacity factor,
+        or None (dropless, or tokens known only at run time)."""
+        capacity_factor = self.strategy.capacity_factor(self.capacity_factor)
+        if capacity_factor is None or shard_tokens is None:
+            return None
+        return plan_lib.fixed_capacity(shard_tokens, self.num_experts,
+                                       self.experts_per_token,
+                                       capacity_factor)
 
     def _add_losses_and_metrics(self, gate_output, plan,
                                 dropped_before_dispatch):

@@ -71,6 +71,9 @@ _LEARNING_RATES = flags.DEFINE_list(
     "learning_rates", [], "Peak learning rates: each model trains once at "
     "each (default: the config's, 3e-3 at CPU scale). Rows are labelled "
     "`<model> lr=<rate>`.")
+_CORPORA = flags.DEFINE_list(
+    "corpora", [], "Embedded corpora to train and evaluate on, interleaved "
+    "(trainers/corpora; default: the config's, the World English Bible).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
 _CURVES = flags.DEFINE_string(
@@ -112,6 +115,8 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     if learning_rate:
         config.train.learning_rate = learning_rate
     config.train.eval_every = _EVAL_EVERY.value
+    if _CORPORA.value:
+        config.data.corpora = tuple(_CORPORA.value)
     config.model.update(model_overrides)
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
@@ -258,7 +263,8 @@ def main(argv):
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(table=_TABLE.value, every_other=_EVERY_OTHER.value,
                            steps=_STEPS.value or 1000,
-                           eval_every=_EVAL_EVERY.value, rows=rows),
+                           eval_every=_EVAL_EVERY.value,
+                           corpora=_CORPORA.value or ["web"], rows=rows),
                       f, indent=2)
     if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)

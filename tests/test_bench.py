@@ -8,19 +8,29 @@ import sys
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_layer.py")
 
 
-def test_layer_benchmark_writes_table_and_json(tmp_path):
-    output = tmp_path / "layer.json"
+_TOY_SHAPE = ("--experts=4", "--tokens=64", "--model_dim=8",
+              "--hidden_size=4", "--k=2", "--warmup=1", "--malloc=system")
+
+
+def _run_layer_bench(output, *flags):
+    """Runs bench_layer.py at the toy shape with `flags`, writing `output`;
+    returns its stdout."""
     result = subprocess.run(
-        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
-         "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
-         "--malloc=system", "--gatings=noisy_top_k,expert_choice",
-         "--kernels=auto,xla", "--peer_group_size=32", f"--output={output}"],
+        [sys.executable, _BENCH, *_TOY_SHAPE, *flags, f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_layer_benchmark_writes_table_and_json(tmp_path):
+    output = tmp_path / "layer.json"
+    stdout = _run_layer_bench(
+        output, "--steps=1", "--gatings=noisy_top_k,expert_choice",
+        "--kernels=auto,xla", "--peer_group_size=32")
     # The peers (the default --peers): each timed, or skipped with the
     # reason (TF Model Garden where it is not installed).
     assert ("| experts | per-expert dispatcher | tf_moe noisy_top_k (auto "
-            "kernels, dropless) |" in result.stdout)
+            "kernels, dropless) |" in stdout)
     report = json.loads(output.read_text())
     assert [row["layer"] for row in report["peers"]] == [
         "gshard", "garden", "mixtral"]
@@ -31,7 +41,7 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     for gating in ("noisy_top_k", "expert_choice"):
         for mode in ("auto", "xla"):
             assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels, dropless) "
-                    "| 4 |" in result.stdout)
+                    "| 4 |" in stdout)
     noisy, noisy_xla, expert_choice, _ = report["moe"]
     assert [(row["gating"], row["kernels"]) for row in report["moe"]] == [
         ("noisy_top_k", "auto"), ("noisy_top_k", "xla"),
@@ -53,15 +63,11 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
 
 def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
     output = tmp_path / "layer.json"
-    result = subprocess.run(
-        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
-         "--hidden_size=4", "--k=2", "--steps=1", "--warmup=1",
-         "--malloc=system", "--kernels=tensorflow", "--no-partition_baseline",
-         "--peers=none", "--capacity_factors=none,1", f"--output={output}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = _run_layer_bench(
+        output, "--steps=1", "--kernels=tensorflow", "--no-partition_baseline",
+        "--peers=none", "--capacity_factors=none,1")
     assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "
-            "factor 1) | 4 |" in result.stdout)
+            "factor 1) | 4 |" in stdout)
     dropless, fixed = json.loads(output.read_text())["moe"]
     assert dropless["capacity_factor"] is None
     assert "dropped_fraction" not in dropless
@@ -75,13 +81,8 @@ def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
 
 def test_layer_benchmark_ratios_are_medians_of_same_round_ratios(tmp_path):
     output = tmp_path / "layer.json"
-    result = subprocess.run(
-        [sys.executable, _BENCH, "--experts=4", "--tokens=64", "--model_dim=8",
-         "--hidden_size=4", "--k=2", "--steps=3", "--warmup=1",
-         "--malloc=system", "--kernels=tensorflow", "--peers=none",
-         f"--output={output}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+    _run_layer_bench(output, "--steps=3", "--kernels=tensorflow",
+                     "--peers=none")
     report = json.loads(output.read_text())
     (moe,) = report["moe"]
     assert len(moe["step_seconds_all"]) == len(

@@ -114,6 +114,12 @@ def test_padded_layout_is_timed_at_a_fixed_capacity(kernel_mode):
     tf.function(lambda x: layer(x, training=False))(tokens)
     layout, = [m for m in kernels.measurements() if m["product"] == "layout"]
     assert layout["rows"] == 16 and layout["padded_rows"] == 32
+    # Capacity factor 0.5: 8 rows per expert, which both layouts keep.
+    kernels.clear_measurements()
+    tf_moe.MoE(4, 8, k=2, capacity_factor=0.5, seed=0)(tokens,
+                                                       training=False)
+    layout, = [m for m in kernels.measurements() if m["product"] == "layout"]
+    assert layout["rows"] == 8 and layout["padded_rows"] == 8
     # Dropless: both at the balanced rows.
     kernels.clear_measurements()
     tf_moe.MoE(4, 8, k=2, seed=0)(tokens, training=False)

@@ -121,6 +121,41 @@ def test_batches_hold_shifted_sentences_and_their_words(text_splits,
     assert sentences + too_long == 40
 
 
+def test_interleave_evenly_spreads_each_list_in_its_order():
+    assert data_lib.interleave_evenly([[1, 2, 3, 4], ["a", "b"]]) == [
+        1, "a", 2, 3, "b", 4]
+    assert data_lib.interleave_evenly([[1, 2]]) == [1, 2]
+
+
+def test_embedded_corpora_are_split_per_corpus_and_interleaved():
+    config = base.base_config()
+    config.data.corpora = ("web", "austen")
+    valid = [s.numpy().decode() for s in data_lib.sentences(config.data,
+                                                            "valid")]
+    web = [t for _, t in data_lib.corpora.read_verses("web")]
+    austen = [t for _, t in data_lib.corpora.read_verses("austen")]
+    # Every 50th record of each corpus, evenly mixed: both halves of the
+    # valid split hold each corpus in about its share.
+    expected = set(web[::50]) | set(austen[::50])
+    assert set(valid) == expected and len(valid) == len(web[::50]) + len(
+        austen[::50])
+    first_half = set(valid[:len(valid) // 2])
+    share = len(first_half & set(austen[::50])) / len(first_half)
+    assert abs(share - len(austen) / (len(web) + len(austen))) < 0.01
+    train = data_lib.sentences(config.data, "train")
+    assert int(train.reduce(0, lambda n, _: n + 1)) == (
+        len(web) + len(austen) - len(valid) - len(web[25::50])
+        - len(austen[25::50]))
+
+
+@pytest.mark.parametrize("corpora", [(), ("web", "kjv"), ("web", "web")])
+def test_bad_embedded_corpora_are_refused(corpora):
+    config = base.base_config()
+    config.data.corpora = corpora
+    with pytest.raises(ValueError, match="config.data.corpora must name"):
+        data_lib.check_data_config(config.data)
+
+
 def test_lm1b_source_reads_the_tfds_builder():
     import tensorflow_datasets as tfds
     config = base.base_config()

@@ -206,11 +206,16 @@ class Experts(keras.layers.Layer):
         one only the rows kept)."""
         model_dim = self.kernel_in.shape[1]
         rows = int(rows or kernels.DEFAULT_ROWS)
+        padded_rows = None
+        if capacity is not None:
+            # A packed buffer keeps at most `capacity` rows of an expert; a
+            # padded one computes all `capacity` of them.
+            padded_rows = int(capacity)
+            rows = min(rows, padded_rows)
         shape = kernels.LayoutShape(
             kernels.device_type(), tf.as_dtype(dtype).name, self.num_experts,
             rows, model_dim, self.kernel_in.shape[2], self.output_size,
-            self.expert_type,
-            None if capacity is None else max(rows, int(capacity)))
+            self.expert_type, padded_rows)
 
         def make_candidates(experts):
             rng = np.random.default_rng(0)

@@ -292,8 +292,9 @@ def choose_layout(shape, make_candidates):
         return "packed"
     if shape not in _chosen:
         with tf.init_scope(), tf.device(_timing_device()):
-            per_expert = shape.rows * (shape.model_dim + shape.hidden_width
-                                       + shape.output_size) + (
+            rows = max(shape.rows, shape.padded_rows or 0)
+            per_expert = rows * (shape.model_dim + shape.hidden_width
+                                 + shape.output_size) + (
                 shape.hidden_width + shape.output_size) * shape.model_dim
             experts = max(1, min(shape.experts,
                                  MAX_TIMED_ELEMENTS // per_expert))

@@ -17,6 +17,7 @@ def base_config():
 
     config.data = data = ml_collections.ConfigDict()
     data.source = "embedded"  # "embedded", "text" or "lm1b".
+    data.corpora = ("web",)  # For "embedded": trainers/corpora, interleaved.
     data.train_path = ""  # For source "text": one sentence per line.
     data.valid_path = ""
     data.test_path = ""

@@ -2,9 +2,14 @@
 
 `web`: the World English Bible with Deuterocanon (English, 37,457 verses).
 `sparv`: the Reina-Valera 1909 (Spanish, 31,084 verses).
-One verse per record, keyed by its reference ("Genesis 1:1"), so that the
-two are verse-aligned where their versifications agree. Provenance and
-licences: PROVENANCE.md; rebuilt from Debian packages by build_bible.py.
+`austen`: Jane Austen's six novels (English, 31,411 sentences, 716,788
+    words).
+`tdavid`: Spurgeon's The Treasury of David (English, 90,839 sentences,
+    2,109,631 words).
+One verse or sentence per record, keyed by its reference ("Genesis 1:1",
+"Emma 12:3", "Psalm 23:1:40"); the two Bibles are verse-aligned where their
+versifications agree. Provenance and licences: PROVENANCE.md; rebuilt from
+Debian packages by build_bible.py and build_english.py.
 """
 
 import gzip
@@ -12,7 +17,7 @@ import os
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
-CORPORA = ("web", "sparv")
+CORPORA = ("web", "sparv", "austen", "tdavid")
 
 
 def corpus_path(name):
@@ -24,7 +29,8 @@ def corpus_path(name):
 
 
 def read_verses(name):
-    """`[(reference, text)]`, in the corpus's order (canonical book order)."""
+    """`[(reference, text)]`, in the corpus's order (canonical book order;
+    the novels' and psalms' order)."""
     with gzip.open(corpus_path(name), "rt", encoding="utf-8") as lines:
         return [tuple(line.rstrip("\n").split("\t")) for line in lines]
 

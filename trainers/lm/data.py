@@ -1,9 +1,13 @@
 """Sentences for the language model: sources, tokenization, token batches.
 
 Sources (`config.data.source`):
-    "embedded"  the World English Bible shipped in trainers/corpora, one
-                verse a sentence; every 50th verse is valid, every 50th
-                from the 25th is test, the rest train.
+    "embedded"  the corpora shipped in trainers/corpora named by
+                `config.data.corpora` (default the World English Bible
+                alone), one verse or sentence a record; of each corpus every
+                50th record is valid, every 50th from the 25th is test, the
+                rest train. Several corpora are interleaved evenly, in a
+                fixed order, so that every stretch of an epoch (and of the
+                shuffle buffer) mixes them in proportion.
     "text"      plain text files, one sentence per line
                 (`config.data.{train,valid,test}_path`).
     "lm1b"      tfds `lm1b` (1 Billion Word); its test split is halved into
@@ -27,14 +31,30 @@ SPLITS = ("train", "valid", "test")
 _EMBEDDED_PERIOD = 50
 
 
-def _embedded_split(split):
-    verses = [verse for _, verse in corpora.read_verses("web")]
+def _split_records(records, split):
+    """`split`'s share of one corpus's records (the module docstring)."""
     offset = {"valid": 0, "test": _EMBEDDED_PERIOD // 2}.get(split)
     if offset is None:
-        chosen = [v for i, v in enumerate(verses)
-                  if i % _EMBEDDED_PERIOD not in (0, _EMBEDDED_PERIOD // 2)]
-    else:
-        chosen = verses[offset::_EMBEDDED_PERIOD]
+        return [r for i, r in enumerate(records)
+                if i % _EMBEDDED_PERIOD not in (0, _EMBEDDED_PERIOD // 2)]
+    return records[offset::_EMBEDDED_PERIOD]
+
+
+def interleave_evenly(lists):
+    """The items of `lists` merged so that each list's items are spread
+    evenly through the result, each list's order kept: item i of a list of
+    n sits at fraction (i + 1/2) / n (ties broken by list order)."""
+    keyed = [((i + 0.5) / len(items), which, item)
+             for which, items in enumerate(lists)
+             for i, item in enumerate(items)]
+    return [item for _, _, item in sorted(keyed, key=lambda k: k[:2])]
+
+
+def _embedded_split(names, split):
+    chosen = interleave_evenly([
+        _split_records([text for _, text in corpora.read_verses(name)],
+                       split)
+        for name in names])
     return tf.data.Dataset.from_tensor_slices(chosen)
 
 
@@ -64,6 +84,13 @@ def check_data_config(data):
     if data.source not in SOURCES:
         raise ValueError(f"config.data.source must be one of {SOURCES}, got "
                          f"{data.source!r}.")
+    if data.source == "embedded":
+        names = tuple(data.corpora)
+        unknown = [name for name in names if name not in corpora.CORPORA]
+        if not names or unknown or len(set(names)) < len(names):
+            raise ValueError(
+                "config.data.corpora must name distinct embedded corpora of "
+                f"{corpora.CORPORA}, got {names!r}.")
     if data.source == "text":
         for split in SPLITS:
             _text_file(data[f"{split}_path"], f"{split}_path")
@@ -82,7 +109,7 @@ def sentences(data, split):
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}.")
     if data.source == "embedded":
-        ds = _embedded_split(split)
+        ds = _embedded_split(data.corpora, split)
     elif data.source == "text":
         ds = _text_file(data[f"{split}_path"], f"{split}_path")
     else:

@@ -19,9 +19,14 @@ Table 6, the balancing losses' weights on MoE-256 (CPU scale):
     python bench/bench_lm.py --table=6 --output=bench/results/lm_table6.json
 
 trains it with each (w_importance, w_load) of the paper and prints valid
-perplexity per word and, over the valid batches at inference, the mean
-CV(Importance), CV(Load) and max(Load)/mean(Load), Load being the tokens
-each expert received.
+perplexity per word and the mean CV(Importance), CV(Load) and
+max(Load)/mean(Load), Load being the tokens each expert received: over the
+valid batches at inference (no noise), and over the last report window of
+training (the noisy gate the losses act on).
+
+Each row records the corpora it trained on (`--corpora`, default the
+config's), its valid routing metrics (`routing`) and those of the last
+training window (`train_routing`).
 
 The Transformer table, `configs/lm/transformer.py:<model>,cpu` (a dense
 FFN, the paper's noisy top-4, Switch top-1, Mixtral top-2 with SwiGLU
@@ -135,7 +140,9 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
         # Real (unpadded) tokens per second of the whole train() call,
         # the final evaluation included.
         tokens_per_second=run.trained_tokens / seconds,
+        corpora=list(config.data.corpora),
         routing=result["routing"],
+        train_routing=run.train_routing,
         learning_curve=[dict(step=point["step"],
                              trained_tokens=point["trained_tokens"],
                              valid_perplexity_per_word=point[
@@ -216,24 +223,34 @@ def table6_rows(root):
         row = train_one(BALANCE_MODEL, _STEPS.value, workdir, vocabulary,
                         importance_weight=w_importance, load_weight=w_load)
         (routing,) = row.pop("routing").values()  # The one MoE layer.
+        (train_routing,) = row.pop("train_routing").values()
         rows.append(dict(row, w_importance=w_importance, w_load=w_load,
-                         importance_cv=routing["importance_cv"],
-                         load_cv=routing["load_cv"],
-                         load_max_over_mean=routing["load_max_over_mean"]))
+                         **_balance_measures(routing, ""),
+                         **_balance_measures(train_routing, "train_")))
         vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 
 
+def _balance_measures(routing, prefix):
+    """Table 6's three balance measures of one layer's routing metrics, as
+    `{prefix + name: value}`."""
+    return {prefix + name: routing[name] for name in
+            ("importance_cv", "load_cv", "load_max_over_mean")}
+
+
 def print_table6(rows):
-    print(f"\n{BALANCE_MODEL} (CPU scale), valid set at inference\n")
+    print(f"\n{BALANCE_MODEL} (CPU scale): the valid set at inference (no "
+          "noise), and training (noise on, the last report window)\n")
     print("| w_importance | w_load | valid ppl/word | CV(Importance) | "
-          "CV(Load) | max(Load)/mean(Load) |")
-    print("|---|---|---|---|---|---|")
+          "CV(Load) | max/mean(Load) | train CV(Importance) | "
+          "train CV(Load) | train max/mean(Load) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        measures = " | ".join(
+            f"{r[prefix + name]:.2f}" for prefix in ("", "train_")
+            for name in ("importance_cv", "load_cv", "load_max_over_mean"))
         print(f"| {r['w_importance']:g} | {r['w_load']:g} | "
-              f"{r['valid_perplexity_per_word']:.1f} | "
-              f"{r['importance_cv']:.2f} | {r['load_cv']:.2f} | "
-              f"{r['load_max_over_mean']:.2f} |")
+              f"{r['valid_perplexity_per_word']:.1f} | {measures} |")
 
 
 def main(argv):
@@ -263,8 +280,7 @@ def main(argv):
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(table=_TABLE.value, every_other=_EVERY_OTHER.value,
                            steps=_STEPS.value or 1000,
-                           eval_every=_EVAL_EVERY.value,
-                           corpora=_CORPORA.value or ["web"], rows=rows),
+                           eval_every=_EVAL_EVERY.value, rows=rows),
                       f, indent=2)
     if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)

@@ -110,6 +110,9 @@ class TrainingRun(abc.ABC):
         self.trained_tokens = 0.0  # Target tokens trained on by train().
         # train()'s evaluations on valid, each with `trained_tokens` then.
         self.learning_curve = []
+        # The routing metrics of the last report window (training mode,
+        # noise on): `{layer name: {metric: value}}`.
+        self.train_routing = {}
         return models
 
     @abc.abstractmethod
@@ -202,16 +205,17 @@ class TrainingRun(abc.ABC):
             tf.summary.scalar("tokens_per_second", tokens_per_second)
             tf.summary.scalar("learning_rate",
                               float(self.schedule(self.step - 1)))
+            self.train_routing = self.take_routing_metrics()
             for model in self.models:
                 for layer in moe_layers(model):
-                    _summarise_routing(layer)
+                    _summarise_routing(layer, self.train_routing[layer.name])
         writer.flush()
 
 
-def _summarise_routing(layer):
-    """The layer's routing metrics since the last report (then reset) and a
+def _summarise_routing(layer, metrics):
+    """`metrics`, the layer's routing metrics of the report window, and a
     histogram of its last batch's expert load."""
-    for name, value in layer.routing_metrics(reset=True).items():
+    for name, value in metrics.items():
         tf.summary.scalar(f"{layer.name}/{name}", value)
     counts = sharding.to_numpy(layer.expert_token_counts)
     tf.summary.histogram(f"{layer.name}/expert_load",

@@ -42,13 +42,13 @@ if ! "$PYTHON" -c "import tensorflow as tf, sys; sys.exit(0 if tf.config.list_ph
     exit 3
 fi
 
-step "GPU" sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee '$OUT_DIR/gpu.txt'"
+step "GPU" bash -o pipefail -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee '$OUT_DIR/gpu.txt'"
 step "layer benchmark" "$PYTHON" bench/bench_layer.py --experts=16,64,256,1024 \
     --steps="$STEPS" --warmup="$WARMUP" --malloc=system \
     --output="$OUT_DIR/layer.json"
 step "hierarchical benchmark" "$PYTHON" bench/bench_hierarchical.py \
     --sizes=8x8,256x256 --steps="$STEPS" --warmup="$WARMUP" --malloc=system \
     --output="$OUT_DIR/hierarchical.json"
-step "layer tests (float32 and mixed_bfloat16)" sh -c \
+step "layer tests (float32 and mixed_bfloat16)" bash -o pipefail -c \
     "timeout -s INT $TEST_SECONDS $PYTHON -m pytest -q -p no:cacheprovider tests/test_moe.py tests/test_hierarchical.py tests/test_routers.py tests/test_keras_integration.py -k 'not fresh_process' 2>&1 | tee '$OUT_DIR/tests.log' | tail -5"
 exit $status

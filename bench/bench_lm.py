@@ -28,6 +28,11 @@ Each row records the corpora it trained on (`--corpora`, default the
 config's), its valid routing metrics (`routing`) and those of the last
 training window (`train_routing`).
 
+`--model_override=key=value` (repeatable) sets a field of every model's
+`config.model`, the value read as a Python literal (`ffn_hidden=(4096,)`,
+`gating=top_k`; a bare word is a string), for variants outside the table;
+rows record the overrides and their labels name them.
+
 The Transformer table, `configs/lm/transformer.py:<model>,cpu` (a dense
 FFN, the paper's noisy top-4, Switch top-1, Mixtral top-2 with SwiGLU
 experts and a hierarchical MoE, all at matched ops/timestep), same columns:
@@ -36,6 +41,7 @@ experts and a hierarchical MoE, all at matched ops/timestep), same columns:
         --output=bench/results/lm_transformer.json [--every_other]
 """
 
+import ast
 import json
 import os
 import shutil
@@ -79,6 +85,10 @@ _LEARNING_RATES = flags.DEFINE_list(
 _CORPORA = flags.DEFINE_list(
     "corpora", [], "Embedded corpora to train and evaluate on, interleaved "
     "(trainers/corpora; default: the config's, the World English Bible).")
+_MODEL_OVERRIDES = flags.DEFINE_multi_string(
+    "model_override", [], "key=value: a field of config.model set in every "
+    "model, the value a Python literal (e.g. ffn_hidden=(4096,)); the rows' "
+    "labels name it.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
 _CURVES = flags.DEFINE_string(
@@ -111,6 +121,22 @@ def _experts(model):
     return model.num_experts if "moe" in model.blocks else 1
 
 
+def parse_model_overrides(items):
+    """`["key=value", ...]` as `{key: value}`, each value a Python literal
+    (a bare word is taken as a string)."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--model_override expects key=value, got "
+                             f"{item!r}.")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
 def train_one(name, steps, workdir, vocabulary, learning_rate=None,
               label=None, **model_overrides):
     """Trains `name` at CPU scale; returns its row (valid evaluation)."""
@@ -122,7 +148,12 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     config.train.eval_every = _EVAL_EVERY.value
     if _CORPORA.value:
         config.data.corpora = tuple(_CORPORA.value)
-    config.model.update(model_overrides)
+    unknown = sorted(set(model_overrides) - set(config.model))
+    if unknown:
+        raise ValueError(f"--model_override: {name}'s config.model has no "
+                         f"field {', '.join(unknown)}.")
+    for key, value in model_overrides.items():
+        config.model[key] = value
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
         shutil.copy(vocabulary, os.path.join(workdir, text.MODEL_FILE))
@@ -141,6 +172,7 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
         # the final evaluation included.
         tokens_per_second=run.trained_tokens / seconds,
         corpora=list(config.data.corpora),
+        model_overrides={key: config.model[key] for key in model_overrides},
         routing=result["routing"],
         train_routing=run.train_routing,
         learning_curve=[dict(step=point["step"],
@@ -195,12 +227,16 @@ def family_rows(root, family):
     rows = []
     vocabulary = None
     rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
-    for name in _MODELS.value or family:
+    overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
+    suffix = "".join(f" {item}" for item in _MODEL_OVERRIDES.value)
+    for index, name in enumerate(_MODELS.value or family):
         for rate in rates:
             label = name if rate is None else f"{name} lr={rate:g}"
-            workdir = os.path.join(root, label.replace(" ", "_"))
+            label += suffix
+            workdir = os.path.join(root, f"{index}_{len(rows)}")
             rows.append(train_one(name, _STEPS.value, workdir, vocabulary,
-                                  learning_rate=rate, label=label))
+                                  learning_rate=rate, label=label,
+                                  **overrides))
             vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 
@@ -218,10 +254,16 @@ def print_table7(rows):
 def table6_rows(root):
     rows = []
     vocabulary = None
+    overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
+    clash = {"importance_weight", "load_weight"} & set(overrides)
+    if clash:
+        raise ValueError(f"--model_override: Table 6 sets {sorted(clash)} "
+                         "itself.")
     for w_importance, w_load in BALANCE_WEIGHTS:
         workdir = os.path.join(root, f"{w_importance}_{w_load}")
         row = train_one(BALANCE_MODEL, _STEPS.value, workdir, vocabulary,
-                        importance_weight=w_importance, load_weight=w_load)
+                        importance_weight=w_importance, load_weight=w_load,
+                        **overrides)
         (routing,) = row.pop("routing").values()  # The one MoE layer.
         (train_routing,) = row.pop("train_routing").values()
         rows.append(dict(row, w_importance=w_importance, w_load=w_load,

@@ -42,3 +42,24 @@ def test_lm_benchmark_rows_curves_and_redraw(tmp_path):
     redrawn = tmp_path / "redrawn.png"
     _run(f"--curves_from={output}", f"--curves={redrawn}")
     assert redrawn.stat().st_size > 0
+
+
+def test_lm_benchmark_model_override(tmp_path):
+    output = tmp_path / "lm.json"
+    stdout = _run("--models=moe-1-wide", "--steps=2",
+                  "--model_override=ffn_hidden=(96,)", f"--output={output}")
+    assert "| moe-1-wide ffn_hidden=(96,) |" in stdout
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["model_overrides"] == {"ffn_hidden": [96]}
+    # Two LSTMs of 64 (66,048 weights, as in the table's 132,160 with its
+    # FFN of 512), then the overridden FFN 64 -> 96 -> 64 with its biases.
+    assert row["parameters"] == 66_048 + 64 * 96 + 96 + 96 * 64 + 64
+
+
+def test_lm_benchmark_rejects_unknown_override():
+    result = subprocess.run(
+        [sys.executable, _BENCH, "--models=moe-4", "--steps=2",
+         "--model_override=experts_count=8"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert "config.model has no field experts_count" in result.stderr

@@ -229,11 +229,11 @@ def family_rows(root, family):
     rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
     overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
     suffix = "".join(f" {item}" for item in _MODEL_OVERRIDES.value)
-    for index, name in enumerate(_MODELS.value or family):
+    for name in _MODELS.value or family:
         for rate in rates:
             label = name if rate is None else f"{name} lr={rate:g}"
             label += suffix
-            workdir = os.path.join(root, f"{index}_{len(rows)}")
+            workdir = os.path.join(root, str(len(rows)))
             rows.append(train_one(name, _STEPS.value, workdir, vocabulary,
                                   learning_rate=rate, label=label,
                                   **overrides))

@@ -88,6 +88,12 @@ def _parse_args(argv=None):
         help="Also time the per-expert dynamic_partition dispatcher "
              "(bench/partition_baseline.py) at every E.")
     parser.add_argument(
+        "--experts_alone", default=True,
+        action=argparse.BooleanOptionalAction,
+        help="Also time tf_moe's experts alone on balanced, presorted rows "
+             "(bench/experts_alone.py) at every E: the floor of any layer "
+             "with these experts, before routing.")
+    parser.add_argument(
         "--peers", default=",".join(_PEERS),
         help="Comma-separated other MoE layers to time at every E "
              "(bench/peers.py), or 'none'. A peer that is not installed, or "
@@ -110,7 +116,8 @@ def _parse_args(argv=None):
 def parse_worker(worker):
     """`(kind, experts, gating, kernel mode, capacity factor)` of a worker
     name: `dense`, `moe:E[:gating[:kernels[:capacity factor]]]`,
-    `partition:E`, `hierarchical:GxB` or a peer's `<peer>:E` (`_PEERS`).
+    `partition:E`, `experts:E` (bench/experts_alone.py), `hierarchical:GxB`
+    or a peer's `<peer>:E` (`_PEERS`).
     Missing fields are "" (experts, gating, kernels) or None (capacity
     factor: dropless)."""
     kind, experts, gating, kernel_mode, capacity = (
@@ -136,6 +143,9 @@ def make_step(args, worker):
     kind, experts, gating, kernel_mode, capacity_factor = parse_worker(worker)
     tf_moe.kernels.set_mode(kernel_mode or "auto")
     inputs = tf.random.normal((args.tokens, args.model_dim))
+    if kind == "experts":
+        # Each token's k rows, presorted: the experts' input without routing.
+        inputs = tf.random.normal((args.k * args.tokens, args.model_dim))
     if kind == "dense":
         layer = keras.Sequential([
             keras.layers.Dense(args.k * args.hidden_size, activation="relu"),
@@ -144,6 +154,9 @@ def make_step(args, worker):
     elif kind == "partition":
         from partition_baseline import PartitionedMoE
         layer = PartitionedMoE(int(experts), args.hidden_size, args.k, seed=0)
+    elif kind == "experts":
+        from experts_alone import ExpertsAlone
+        layer = ExpertsAlone(int(experts), args.hidden_size)
     elif kind == "hierarchical":
         # "GxB": G groups of B experts, k_primary * k_secondary = k.
         groups, per_group = (int(n) for n in experts.split("x"))
@@ -162,7 +175,9 @@ def make_step(args, worker):
                               else "glorot_uniform"), seed=0)
     # The peers' capacities follow the tokens, so they are built at the
     # real batch (on 8 tokens some would get no buffer rows).
-    layer(inputs if kind in _PEERS else inputs[:8], training=True)
+    # The peers' and the experts' alone shapes follow the rows.
+    layer(inputs if kind in _PEERS or kind == "experts" else inputs[:8],
+          training=True)
     variables = layer.trainable_variables
 
     @tf.function
@@ -391,24 +406,25 @@ def main(argv=None):
           f"{len(dense['step_seconds_all'])} steps)", flush=True)
 
     print()
-    def partition_cell(row):
-        if "partition_ratio_to_dense" not in row:
-            return "-"
-        return f"{row['partition_ratio_to_dense']:.2f}"
+    def ratio_cell(row, name):
+        key = f"{name}_ratio_to_dense"
+        return f"{row[key]:.2f}" if key in row else "-"
 
     memory = "GPU" if dense.get("peak_gpu_mb") is not None else "RSS"
     print("| layer | experts | step (s) | / dense | dynamic_partition / dense "
+          "| experts alone / dense "
           f"| parameters | peak {memory} (MB) | max/mean load | rows/routed |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     print(f"| dense FFN ({args.k * args.hidden_size}) | - | "
-          f"{dense['step_seconds']:.3f} | 1.00 | - | {dense['parameters']:,} | "
-          f"{_memory_cell(dense)} | - | - |")
+          f"{dense['step_seconds']:.3f} | 1.00 | - | - | "
+          f"{dense['parameters']:,} | {_memory_cell(dense)} | - | - |")
     for row in rows:
         print(f"| tf_moe.MoE {row['gating']} k={args.k} "
               f"({row['kernels']} kernels, {_dispatch_name(row)}) | "
               f"{row['num_experts']} | "
               f"{row['step_seconds']:.3f} | {row['ratio_to_dense']:.2f} | "
-              f"{partition_cell(row)} | {row['parameters']:,} | "
+              f"{ratio_cell(row, 'partition')} | "
+              f"{ratio_cell(row, 'experts_alone')} | {row['parameters']:,} | "
               f"{_memory_cell(row)} | {row['max_over_mean_load']:.2f} | "
               f"{row['rows_over_routed']:.2f} |")
 
@@ -454,6 +470,14 @@ def _measure_configurations(args, experts, gatings, kernel_modes,
             print(f"E={num_experts} dynamic_partition baseline: "
                   f"{partition['step_seconds']:.3f} s/step "
                   f"({partition['ratio_to_dense']:.2f}x dense)", flush=True)
+        if args.experts_alone:
+            alone = _measure_beside(args, f"experts:{num_experts}", dense)
+            for row in this_e:
+                row["experts_alone_step_seconds"] = alone["step_seconds"]
+                row["experts_alone_ratio_to_dense"] = alone["ratio_to_dense"]
+            print(f"E={num_experts} experts alone: "
+                  f"{alone['step_seconds']:.3f} s/step "
+                  f"({alone['ratio_to_dense']:.2f}x dense)", flush=True)
         for peer in peer_kinds:
             result = {"layer": peer, "num_experts": num_experts}
             result["skipped"] = _peer_skip_reason(args, peer, num_experts)
@@ -482,14 +506,17 @@ def _print_peer_table(args, experts, rows, peer_rows):
                "garden": f" (groups of {args.peer_group_size})"}
     peer_names = [_PEER_NAMES[p] + details.get(p, "")
                   for p in dict.fromkeys(row["layer"] for row in peer_rows)]
-    headers = ["per-expert dispatcher"] * args.partition_baseline + (
-        columns + peer_names)
+    headers = (["experts alone (floor)"] * args.experts_alone
+               + ["per-expert dispatcher"] * args.partition_baseline
+               + columns + peer_names)
     print("\nstep / dense FFN step, medians of same-round ratios:\n")
     print("| experts | " + " | ".join(headers) + " |")
     print("|---" * (len(headers) + 1) + "|")
     for num_experts in experts:
         these = [row for row in rows if row["num_experts"] == num_experts]
         cells = []
+        if args.experts_alone:
+            cells.append(f"{these[0]['experts_alone_ratio_to_dense']:.2f}")
         if args.partition_baseline:
             cells.append(f"{these[0]['partition_ratio_to_dense']:.2f}")
         by_name = {tf_moe_name(row): row for row in these}

@@ -5,7 +5,14 @@ import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import tensorflow as tf
+
 _BENCH = os.path.join(os.path.dirname(__file__), "..", "bench", "bench_layer.py")
+sys.path.insert(0, os.path.dirname(_BENCH))
+
+from experts_alone import ExpertsAlone  # noqa: E402
 
 
 _TOY_SHAPE = ("--experts=4", "--tokens=64", "--model_dim=8",
@@ -29,8 +36,8 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
         "--kernels=auto,xla", "--peer_group_size=32")
     # The peers (the default --peers): each timed, or skipped with the
     # reason (TF Model Garden where it is not installed).
-    assert ("| experts | per-expert dispatcher | tf_moe noisy_top_k (auto "
-            "kernels, dropless) |" in stdout)
+    assert ("| experts | experts alone (floor) | per-expert dispatcher | "
+            "tf_moe noisy_top_k (auto kernels, dropless) |" in stdout)
     report = json.loads(output.read_text())
     assert [row["layer"] for row in report["peers"]] == [
         "gshard", "garden", "mixtral"]
@@ -65,7 +72,7 @@ def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
     output = tmp_path / "layer.json"
     stdout = _run_layer_bench(
         output, "--steps=1", "--kernels=tensorflow", "--no-partition_baseline",
-        "--peers=none", "--capacity_factors=none,1")
+        "--no-experts_alone", "--peers=none", "--capacity_factors=none,1")
     assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "
             "factor 1) | 4 |" in stdout)
     dropless, fixed = json.loads(output.read_text())["moe"]
@@ -91,10 +98,37 @@ def test_layer_benchmark_ratios_are_medians_of_same_round_ratios(tmp_path):
         moe["step_seconds_all"], moe["dense_step_seconds_all"])]
     assert moe["ratios_to_dense_all"] == ratios
     assert moe["ratio_to_dense"] == sorted(ratios)[1]
-    # One dense step per round of each configuration: tf_moe's three and
-    # the per-expert dispatcher's three, from the one dense process.
-    assert len(report["dense"]["step_seconds_all"]) == 6
+    # One dense step per round of each configuration: tf_moe's three, the
+    # per-expert dispatcher's three and the experts' alone three, from the
+    # one dense process.
+    assert len(report["dense"]["step_seconds_all"]) == 9
     assert moe["partition_ratio_to_dense"] > 0
+    assert moe["experts_alone_ratio_to_dense"] > 0
+
+
+@pytest.mark.parametrize("mode,layout", [("tensorflow", "padded"),
+                                         ("per_expert", "packed")])
+def test_experts_alone_runs_each_row_through_its_expert(kernel_mode, mode,
+                                                        layout):
+    kernel_mode(mode)
+    rows = tf.random.normal([12, 5])
+    layer = ExpertsAlone(3, 4)
+    outputs = layer(rows).numpy()
+    assert layer.packed == (layout == "packed")
+    experts = layer.experts
+    w_in, b_in, w_out, b_out = (np.asarray(w) for w in (
+        experts.kernel_in, experts.bias_in, experts.kernel_out,
+        experts.bias_out))
+    for row in range(12):
+        e = row // 4  # 4 rows per expert, in turn
+        hidden = np.maximum(rows.numpy()[row] @ w_in[e] + b_in[e], 0)
+        np.testing.assert_allclose(outputs[row], hidden @ w_out[e] + b_out[e],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_experts_alone_refuses_rows_that_do_not_split_evenly():
+    with pytest.raises(ValueError, match="`rows` must split evenly over 3"):
+        ExpertsAlone(3, 4)(tf.zeros([10, 5]))
 
 
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):

@@ -17,9 +17,9 @@ they run. Three strategies implement them:
 
 import contextlib
 
-import keras
 import tensorflow as tf
 
+from tf_moe import noise
 from tf_moe import plan as plan_lib
 
 
@@ -127,7 +127,7 @@ class OneDevice:
     def normal(self, shape, dtype, seed):
         """Standard normal noise, the same values however the tokens are
         laid out."""
-        return keras.random.normal(shape, dtype=dtype, seed=seed)
+        return noise.standard_normal(shape, dtype, seed)
 
     def batchwise_bounds(self, rows_per_segment, num_experts, k,
                          capacity_factor=1.0):

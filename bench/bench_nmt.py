@@ -56,6 +56,10 @@ _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _CURVES = flags.DEFINE_string(
     "curves", "", "PNG plot of valid BLEU and perplexity against training "
     "tokens, one line per model (with --eval_every).")
+_ROWS_FROM = flags.DEFINE_list(
+    "rows_from", [], "JSON results of earlier runs (--output) whose rows "
+    "join this run's table, --output and --curves, before its own; with "
+    "--models= (none), nothing is trained.")
 
 
 def train_one(name, workdir, vocabulary):
@@ -94,6 +98,9 @@ def main(argv):
     if _CURVES.value:
         import matplotlib  # noqa: F401  Fails now, not after the training.
     rows = []
+    for path in _ROWS_FROM.value:
+        with open(path) as f:
+            rows += json.load(f)["rows"]
     root = tempfile.mkdtemp(prefix="bench_nmt_")
     vocabulary = _VOCABULARY.value or None
     for name in _MODELS.value:
@@ -110,7 +117,8 @@ def main(argv):
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(steps=_STEPS.value or 1500,
-                           eval_every=_EVAL_EVERY.value, rows=rows), f,
+                           eval_every=_EVAL_EVERY.value,
+                           rows_from=_ROWS_FROM.value, rows=rows), f,
                       indent=2)
     if _CURVES.value:
         curves.plot_learning_curves(

@@ -171,3 +171,32 @@ def test_noise_benchmark_writes_table_and_json(tmp_path):
     for row in rows:
         assert len(row["seconds"]) == 2 and row["ratio"] > 0
         assert all(len(times) == 2 for times in row["seconds_all"].values())
+
+
+def test_translation_benchmark_joins_rows_of_earlier_runs(tmp_path):
+    def row(model, bleu):
+        return dict(model=model, parameters=10, ops_per_timestep=20,
+                    valid_bleu=bleu, bleu_sentences=5, valid_perplexity=9.0,
+                    steps=2, train_seconds=1.0, tokens_per_second=100.0,
+                    learning_curve=[dict(step=2, trained_tokens=64,
+                                         valid_bleu=bleu,
+                                         valid_perplexity=9.0)])
+
+    earlier = []
+    for model, bleu in (("moe-32", 2.5), ("gnmt", 1.5)):
+        earlier.append(tmp_path / f"{model}.json")
+        earlier[-1].write_text(json.dumps(dict(steps=2, rows=[row(model,
+                                                                  bleu)])))
+    output, curves = tmp_path / "joined.json", tmp_path / "curves.png"
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(_BENCH),
+                                      "bench_nmt.py"), "--models=",
+         f"--rows_from={earlier[0]},{earlier[1]}", f"--output={output}",
+         f"--curves={curves}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| moe-32 | 10 | 20 | 2.50 | 9.00 | 100 |" in result.stdout
+    joined = json.loads(output.read_text())
+    assert [r["model"] for r in joined["rows"]] == ["moe-32", "gnmt"]
+    assert joined["rows_from"] == [str(path) for path in earlier]
+    assert curves.stat().st_size > 0

@@ -345,7 +345,7 @@ def choose_gate(shape, make_candidates, allow_xla=True):
         "tensorflow" or "xla".
     """
     mode = _mode if allow_xla else "tensorflow"
-    if mode in ("tensorflow", "per_expert", "xla"):
+    if mode != "auto":
         return "xla" if mode == "xla" else "tensorflow"
     shape = shape._replace(rows=int(shape.rows or DEFAULT_GATE_ROWS))
     if shape not in _chosen:

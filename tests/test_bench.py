@@ -157,18 +157,17 @@ def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
         large["parameters"] * 16 / report["stream_bandwidth_bytes_per_second"])
 
 
-def test_gate_benchmark_writes_table_and_json(tmp_path):
-    output = tmp_path / "gate.json"
+def test_noise_benchmark_writes_table_and_json(tmp_path):
+    output = tmp_path / "noise.json"
     result = subprocess.run(
         [sys.executable, os.path.join(os.path.dirname(_BENCH),
-                                      "bench_gate.py"),
-         "--shapes=64x8,33x5", "--rounds=2", f"--output={output}"],
+                                      "bench_noise.py"),
+         "--sizes=1000,2001", "--rounds=2", f"--output={output}"],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 33 x 5 | gate math, forward and backward" in result.stdout
+    assert "| 2,001 |" in result.stdout
     rows = json.loads(output.read_text())["rows"]
-    assert [(row["rows"], row["work"][:4]) for row in rows] == [
-        (64, "nois"), (64, "gate"), (33, "nois"), (33, "gate")]
+    assert [row["samples"] for row in rows] == [1000, 2001]
     for row in rows:
         assert len(row["seconds"]) == 2 and row["ratio"] > 0
         assert all(len(times) == 2 for times in row["seconds_all"].values())

@@ -46,7 +46,7 @@ def test_one_device():
     assert int(strategy.fit_capacity(None, tf.constant(7))) == 7
     assert int(strategy.fit_capacity(5, tf.constant(7))) == 5
     assert strategy.batchwise_bounds(10, 4, 2) == (None, None)
-    assert strategy.allows_xla and not strategy.static_shapes
+    assert strategy.compiles_experts and not strategy.static_shapes
 
 
 def test_replicas_sum_statistics_over_replicas():
@@ -73,7 +73,7 @@ def test_replicas_sum_statistics_over_replicas():
 def test_mesh_strategy_shards_tokens_and_moves_buffers():
     strategy, placement = _mesh_strategy()
     assert strategy.num_token_shards == 2 and strategy.static_shapes
-    assert not strategy.allows_xla
+    assert not strategy.compiles_experts
     assert strategy.capacity_factor(None) == placement.capacity_factor
     assert strategy.capacity_factor(1.5) == 1.5
     assert strategy.fit_capacity(5, tf.constant(7)) == 5
@@ -110,11 +110,11 @@ def test_mesh_noise_equals_one_device_noise():
     np.testing.assert_array_equal(noise, want.numpy())
 
 
-def test_one_device_mesh_allows_xla():
+def test_one_device_mesh_compiles_experts():
     mesh = sharding.make_mesh("devices:1", devices=["CPU:0"])
     placement = sharding.MeshPlacement(mesh, batch_axis="devices",
                                        expert_axis="devices")
-    assert distribution.Mesh(placement).allows_xla
+    assert distribution.Mesh(placement).compiles_experts
 
 
 @pytest.mark.parametrize("gate", [

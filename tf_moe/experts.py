@@ -165,7 +165,7 @@ class Experts(keras.layers.Layer):
         def layer(inputs, kernel, bias):
             main_out, overflow_out = buffer_matmul(
                 *inputs, kernel, overflow_experts,
-                allow_xla=self.strategy.allows_xla,
+                allow_xla=self.strategy.compiles_experts,
                 rows_hint=rows_hint)
             if bias is None:
                 return main_out, overflow_out

@@ -246,7 +246,7 @@ class HierarchicalMoE(MixtureOfExperts):
             tf.cast(main, dtype),
             None if overflow is None else tf.cast(overflow, dtype),
             gate.kernel, plan.overflow_experts,
-            allow_xla=self.strategy.allows_xla,
+            allow_xla=self.strategy.compiles_experts,
             rows_hint=plan_lib.balanced_rows(
                 shard_tokens.shape[1], self.num_groups, self.k_primary))
         width = main_logits.shape[-1]

@@ -34,11 +34,6 @@ activation, which a product alone does not show. Mode "per_expert" forces
 the packed layout where a layer can run it (one token shard, up to
 `PER_EXPERT_MAX_EXPERTS`), with TensorFlow's kernels elsewhere.
 
-The noisy gate's per-entry math in training is chosen the same way
-(`choose_gate`): TensorFlow's ops, or the same math fused by XLA
-(`tf_moe.fused_gate`), timed forward and backward once per shape in
-"auto"; "xla" forces the fused math, "tensorflow" and "per_expert" the ops.
-
 Where a program cannot run an XLA-compiled function (a mesh of several
 devices), the callers ask for `allow_xla=False` and get TensorFlow's kernel.
 `choose` returns the names of the chosen candidates (`Choice`), so that a
@@ -205,10 +200,9 @@ def clear_measurements():
 
 
 def measurements():
-    """What "auto" mode timed: one dict per product shape (`ProductShape`),
-    gate shape (`GateShape`) and layout shape (`LayoutShape`, with
-    "product": "layout"), with the seconds of every candidate and the one
-    chosen."""
+    """What "auto" mode timed: one dict per product shape (`ProductShape`)
+    and per layout shape (`LayoutShape`, with "product": "layout"), with
+    the seconds of every candidate and the one chosen."""
     return [dict({"product": "layout"}, **shape._asdict(),
                  seconds=dict(_timings[shape]), chosen=_chosen[shape])
             for shape in _timings]
@@ -312,55 +306,6 @@ def choose_layout(shape, make_candidates):
     return _chosen[shape]
 
 
-class GateShape(NamedTuple):
-    """What a noisy gate's choice is made for (and cached by)."""
-
-    product: str  # "noisy_gate"
-    device: str
-    rows: int
-    experts: int
-    k: int
-
-
-# The rows a gate is timed at when its rows are known only at run time:
-# enough that per-call costs do not decide the choice.
-DEFAULT_GATE_ROWS = 8192
-
-
-def choose_gate(shape, make_candidates, allow_xla=True):
-    """How a noisy gate runs its per-entry math in training: "tensorflow"
-    (TensorFlow's ops) or "xla" (fused, `tf_moe.fused_gate`).
-
-    Args:
-        shape: a `GateShape` (rows None: known at run time only; timed at
-            `DEFAULT_GATE_ROWS`).
-        make_candidates: called once per shape in "auto" mode, eagerly:
-            `rows -> {"tensorflow" | "xla": (function, operands)}`, each
-            function running the gate's math on random operands of `rows`
-            rows (at most `shape.rows`).
-        allow_xla: False where the program cannot run XLA-compiled
-            functions.
-
-    Returns:
-        "tensorflow" or "xla".
-    """
-    mode = _mode if allow_xla else "tensorflow"
-    if mode != "auto":
-        return "xla" if mode == "xla" else "tensorflow"
-    shape = shape._replace(rows=int(shape.rows or DEFAULT_GATE_ROWS))
-    if shape not in _chosen:
-        with tf.init_scope(), tf.device(_timing_device()):
-            # Logits, noise and probability: 4 floats an entry.
-            rows = max(1, min(shape.rows, MAX_TIMED_ELEMENTS
-                              // (4 * shape.experts)))
-            _timings[shape] = {
-                name: _time_calls(_with_gradients(function), operands)
-                for name, (function, operands)
-                in make_candidates(rows).items()}
-        _chosen[shape] = _fastest(_timings[shape])
-    return _chosen[shape]
-
-
 def _faster_layout(seconds):
     """"packed" unless "padded" times `REQUIRED_SPEEDUP` faster.
 
@@ -375,16 +320,14 @@ def _faster_layout(seconds):
 
 
 def _with_gradients(function):
-    """`function`'s forward and backward pass, to a scalar (the sum of its
-    float outputs; operands without a gradient count nothing)."""
+    """`function`'s forward and backward pass, to a scalar."""
     @tf.function
     def run(*operands):
         # Symbolic gradients, not a tape: the timing runs under
         # `tf.init_scope`, which stops every tape of the thread.
-        output = tf.add_n([tf.reduce_sum(o) for o in tf.nest.flatten(
-            function(*operands)) if o.dtype.is_floating])
-        return tf.add_n([tf.reduce_sum(g) for g in tf.gradients(
-            output, operands) if g is not None])
+        output = tf.reduce_sum(function(*operands))
+        return tf.add_n([tf.reduce_sum(g)
+                         for g in tf.gradients(output, operands)])
     return run
 
 

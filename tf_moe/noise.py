@@ -6,7 +6,7 @@ costliest ops of a step. TensorFlow's `StatelessRandomNormalV2` turns
 its uniform bits into normals one pair at a time in scalar code; here the
 same transform runs as whole-tensor ops (log, sqrt, cos, sin), which
 TensorFlow vectorises: 0.126 s against 0.200 s for 33.5M samples on a
-2-core Xeon (`bench/bench_gate.py`).
+2-core Xeon (`bench/bench_noise.py`).
 """
 
 import math

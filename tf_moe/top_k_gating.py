@@ -8,12 +8,9 @@
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tf_moe import balance
-from tf_moe import fused_gate
-from tf_moe import kernels
 from tf_moe.gating import Gate, Routing, top_k_with_gather_gradient
 
 
@@ -76,71 +73,31 @@ class NoisyTopKGate(Gate):
     def decide(self, logits, row_valid, training=None, noise=None,
                row_groups=None, num_segments=1):
         del row_groups, num_segments  # Each row is routed on its own.
-        row_weights = _row_weights(row_valid, logits.dtype)
-        if not self.noisy_gating:
-            clean_logits = logits
-            top_values, top_ids = top_k_with_gather_gradient(logits, self.k)
-            probability = None
-        else:
-            clean_logits = logits[:, :self.num_experts]
-            math = self._noisy_top_k
-            if not training:  # Deterministic: no noise.
-                noise = tf.zeros([], logits.dtype)
-            else:
-                if noise is None:
-                    noise = self.draw_noise(tf.shape(clean_logits),
-                                            logits.dtype)
-                if self._fuses(logits):
-                    math = fused_gate.noisy_top_k
-            top_values, top_ids, probability = math(
-                logits, noise, row_weights, self.k, self.noise_epsilon)
-        gate_weights = (tf.nn.softmax(top_values[:, :self.k], axis=-1)
-                        * row_weights)
-        return Routing(top_ids[:, :self.k], gate_weights, clean_logits,
-                       probability)
-
-    def _fuses(self, logits):
-        """Whether training runs the fused per-entry math
-        (`tf_moe.fused_gate`), as `tf_moe.kernels.choose_gate` decides."""
-        if self.k >= self.num_experts or logits.shape[0] is None:
-            return False  # XLA compiles per number of rows.
-        shape = kernels.GateShape("noisy_gate", kernels.device_type(),
-                                  logits.shape[0], self.num_experts, self.k)
-
-        def make_candidates(rows):
-            rng = np.random.default_rng(0)
-
-            def random(*dims):
-                return tf.constant(rng.standard_normal(dims), tf.float32)
-
-            operands = (random(rows, 2 * self.num_experts),
-                        random(rows, self.num_experts), tf.ones([rows, 1]))
-            return {
-                name: (lambda logits, noise, weights, math=math: math(
-                    logits, noise, weights, self.k, self.noise_epsilon),
-                       operands)
-                for name, math in (("tensorflow", self._noisy_top_k),
-                                   ("xla", fused_gate.noisy_top_k))}
-
-        return kernels.choose_gate(
-            shape, make_candidates,
-            allow_xla=self.strategy.allows_xla) == "xla"
-
-    @staticmethod
-    def _noisy_top_k(logits, noise, row_weights, k, noise_epsilon):
-        """`fused_gate.noisy_top_k`'s result, as TensorFlow's ops (any k)."""
-        clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
-        noise_stddev = tf.nn.softplus(noise_logits) + noise_epsilon
-        noisy_logits = clean_logits + noise * noise_stddev
+        clean_logits = logits
+        if self.noisy_gating:
+            clean_logits, noise_logits = tf.split(logits, 2, axis=-1)
+            noise_stddev = tf.nn.softplus(noise_logits) + self.noise_epsilon
+        noisy_logits = clean_logits
+        if self.noisy_gating and training:
+            if noise is None:
+                noise = self.draw_noise(tf.shape(clean_logits),
+                                        clean_logits.dtype)
+            noisy_logits = clean_logits + noise * noise_stddev
         # With k+1 values the load estimator finds kth_excluding for every
         # expert from the same top_k call that picks the experts.
-        num_top = min(k + 1, clean_logits.shape[-1])
+        num_top = min(self.k + 1, self.num_experts)
         top_values, top_ids = top_k_with_gather_gradient(noisy_logits,
                                                          num_top)
-        probability = balance.selection_probability(
-            clean_logits, noisy_logits, noise_stddev, top_values,
-            k) * row_weights
-        return top_values, top_ids, probability
+        expert_ids = top_ids[:, :self.k]
+        row_weights = _row_weights(row_valid, clean_logits.dtype)
+        gate_weights = (tf.nn.softmax(top_values[:, :self.k], axis=-1)
+                        * row_weights)
+        probability = None
+        if self.noisy_gating:
+            probability = balance.selection_probability(
+                clean_logits, noisy_logits, noise_stddev, top_values,
+                self.k) * row_weights
+        return Routing(expert_ids, gate_weights, clean_logits, probability)
 
     def get_config(self):
         config = super().get_config()

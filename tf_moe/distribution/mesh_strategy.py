@@ -31,7 +31,7 @@ class Mesh(OneDevice):
         return self.placement.num_batch_shards
 
     @property
-    def allows_xla(self):
+    def compiles_experts(self):
         # DTensor runs an XLA-compiled function on a one-device mesh only.
         return self.placement.mesh.size == 1
 

@@ -31,10 +31,9 @@ class OneDevice:
     # Programs need static shapes and no while loops (DTensor): no dropless
     # overflow group, recurrent layers unroll.
     static_shapes = False
-    # The layer's functions may run XLA-compiled (the experts' batched
-    # products, the noisy gate's math; whether they do is
-    # `tf_moe.kernels`' choice).
-    allows_xla = True
+    # The experts' batched products may run as XLA-compiled functions
+    # (whether they do is `tf_moe.kernels`' choice).
+    compiles_experts = True
 
     def check_num_experts(self, num_experts, layer_name):
         """Refuses, at build, a number of experts this placement cannot

@@ -461,23 +461,22 @@ def _measure_configurations(args, experts, gatings, kernel_modes,
                           f"({moe['ratio_to_dense']:.2f}x dense)", flush=True)
                     this_e.append(moe)
         rows += this_e
-        if args.partition_baseline:
-            partition = _measure_beside(args, f"partition:{num_experts}",
+        # The references every row of this E is read against.
+        for enabled, worker, key, name in (
+                (args.partition_baseline, "partition", "partition",
+                 "dynamic_partition baseline"),
+                (args.experts_alone, "experts", "experts_alone",
+                 "experts alone")):
+            if not enabled:
+                continue
+            reference = _measure_beside(args, f"{worker}:{num_experts}",
                                         dense)
             for row in this_e:
-                row["partition_step_seconds"] = partition["step_seconds"]
-                row["partition_ratio_to_dense"] = partition["ratio_to_dense"]
-            print(f"E={num_experts} dynamic_partition baseline: "
-                  f"{partition['step_seconds']:.3f} s/step "
-                  f"({partition['ratio_to_dense']:.2f}x dense)", flush=True)
-        if args.experts_alone:
-            alone = _measure_beside(args, f"experts:{num_experts}", dense)
-            for row in this_e:
-                row["experts_alone_step_seconds"] = alone["step_seconds"]
-                row["experts_alone_ratio_to_dense"] = alone["ratio_to_dense"]
-            print(f"E={num_experts} experts alone: "
-                  f"{alone['step_seconds']:.3f} s/step "
-                  f"({alone['ratio_to_dense']:.2f}x dense)", flush=True)
+                row[f"{key}_step_seconds"] = reference["step_seconds"]
+                row[f"{key}_ratio_to_dense"] = reference["ratio_to_dense"]
+            print(f"E={num_experts} {name}: "
+                  f"{reference['step_seconds']:.3f} s/step "
+                  f"({reference['ratio_to_dense']:.2f}x dense)", flush=True)
         for peer in peer_kinds:
             result = {"layer": peer, "num_experts": num_experts}
             result["skipped"] = _peer_skip_reason(args, peer, num_experts)

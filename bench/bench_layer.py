@@ -142,10 +142,10 @@ def make_step(args, worker):
     keras.utils.set_random_seed(0)
     kind, experts, gating, kernel_mode, capacity_factor = parse_worker(worker)
     tf_moe.kernels.set_mode(kernel_mode or "auto")
-    inputs = tf.random.normal((args.tokens, args.model_dim))
-    if kind == "experts":
-        # Each token's k rows, presorted: the experts' input without routing.
-        inputs = tf.random.normal((args.k * args.tokens, args.model_dim))
+    # The experts alone take each token's k rows, presorted: the experts'
+    # input without routing.
+    rows = args.tokens * (args.k if kind == "experts" else 1)
+    inputs = tf.random.normal((rows, args.model_dim))
     if kind == "dense":
         layer = keras.Sequential([
             keras.layers.Dense(args.k * args.hidden_size, activation="relu"),
@@ -173,9 +173,9 @@ def make_step(args, worker):
             capacity_factor=capacity_factor,
             gate_initializer=("zeros" if gating == "noisy_top_k"
                               else "glorot_uniform"), seed=0)
-    # The peers' capacities follow the tokens, so they are built at the
-    # real batch (on 8 tokens some would get no buffer rows).
-    # The peers' and the experts' alone shapes follow the rows.
+    # The peers' capacities and the experts' alone split follow the rows,
+    # so they are built at the real batch (on 8 tokens some peers would get
+    # no buffer rows).
     layer(inputs if kind in _PEERS or kind == "experts" else inputs[:8],
           training=True)
     variables = layer.trainable_variables

@@ -85,6 +85,19 @@ def test_split_capacity_minimises_rows_plus_gather_cost():
         assert int(capacity) + int(overflow) == largest
 
 
+def test_typical_dropless_buffers_are_the_split_of_a_uniform_draw():
+    num_slots, num_experts = 4 * 8192, 256
+    capacity, overflow_experts, overflow_rows = (
+        plan_lib.typical_dropless_buffers(num_slots, num_experts, seed=3))
+    counts = np.random.default_rng(3).multinomial(
+        num_slots, np.full(num_experts, 1 / num_experts))
+    assert capacity + overflow_rows == counts.max()
+    assert overflow_experts == np.sum(counts > capacity)
+    # Every slot has a row; padding a balanced routing costs a little.
+    rows = num_experts * capacity + overflow_experts * overflow_rows
+    assert num_slots <= rows <= 1.3 * num_slots
+
+
 def test_capacities_come_in_buckets():
     values = np.arange(0, 5000)
     buckets = plan_lib.bucket_capacity(values).numpy()

@@ -127,6 +127,32 @@ def test_padded_layout_is_timed_at_a_fixed_capacity(kernel_mode):
     assert layout["rows"] == 16 and layout["padded_rows"] is None
 
 
+def test_dropless_padded_layout_is_timed_with_its_padding_and_overflow(
+        kernel_mode, monkeypatch):
+    # The padded candidate runs the buffers a dropless plan makes for a
+    # balanced routing (`typical_dropless_buffers`), not the balanced rows.
+    kernel_mode("auto")
+    experts = tf_moe.Experts(64, 8, output_size=6)
+    experts.build((None, 6))
+    candidates = {}
+    monkeypatch.setattr(
+        kernels, "choose_layout",
+        lambda shape, make: candidates.update(make(shape.experts))
+        or "padded")
+    experts.layout(32, tf.float32)
+    capacity, overflow_experts, overflow_rows = (
+        plan_lib.typical_dropless_buffers(32 * 64, 64))
+    assert overflow_experts > 0 and overflow_rows > 0
+    run_padded, padded_operands = candidates["padded"]
+    main, overflow = padded_operands[:2]
+    assert main.shape == (1, 64, capacity, 6)
+    assert overflow.shape == (overflow_experts, overflow_rows, 6)
+    assert run_padded(*padded_operands).shape == ()
+    run_packed, packed_operands = candidates["packed"]
+    assert packed_operands[0].shape == (64 * 32, 6)
+    assert run_packed(*packed_operands).shape == (64 * 32, 6)
+
+
 def test_other_kernels_must_beat_tensorflows_by_the_required_speedup():
     margin = 1 - kernels.REQUIRED_SPEEDUP
     assert kernels._fastest({"tensorflow": 1.0, "xla": 0.99 * margin}) == (

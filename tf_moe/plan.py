@@ -36,6 +36,7 @@ ones (`tf_moe.kernels.choose_layout`).
 import math
 from typing import Any, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 # What running an expert in the overflow group costs beyond its rows
@@ -181,6 +182,27 @@ def split_capacity(expert_counts, overflow_expert_cost=None):
             + num_over * (overflow_rows + overflow_expert_cost))
     capacity = tf.gather(candidates, tf.argmin(cost, output_type=tf.int32))
     return capacity, tf.maximum(largest - capacity, 0)
+
+
+def typical_dropless_buffers(num_slots, num_experts, seed=0):
+    """The buffers a dropless padded plan makes for a balanced routing.
+
+    `num_slots` routing slots fall on the experts uniformly at random (what
+    the balancing losses aim for, and the noisy gate at initialisation
+    gives); `split_capacity` then splits their counts. What the padded
+    layout is timed at (`tf_moe.kernels.choose_layout`), so that its
+    padding and overflow group are in its timing.
+
+    Returns:
+        `(C, E2, C2)` ints: main rows per expert, overflow experts, and
+        overflow rows per overflow expert.
+    """
+    counts = np.random.default_rng(seed).multinomial(
+        num_slots, np.full(num_experts, 1 / num_experts))
+    capacity, overflow_capacity = split_capacity(
+        tf.constant(counts, tf.int32))
+    capacity = int(capacity)
+    return capacity, int(np.sum(counts > capacity)), int(overflow_capacity)
 
 
 def make_dispatch_plan(expert_ids, num_experts, capacity=None,

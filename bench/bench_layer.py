@@ -280,6 +280,9 @@ def _run_worker(args):
         "kernels": tf_moe.kernels.get_mode(),
         "kernel_measurements": tf_moe.kernels.measurements(),
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        # Every worker imports tf_moe, which pools TensorFlow's CPU
+        # allocator (`tf_moe.allocator`): the dense FFN and the peers too.
+        "cpu_allocator_pooled": tf_moe.allocator.cpu_allocator_pooled(),
     }
     if kind in ("moe", "hierarchical"):
         # The routing of one more step: its load, and the buffer rows the
@@ -402,6 +405,8 @@ def main(argv=None):
             args, experts, gatings, kernel_modes, capacity_factors,
             peer_kinds, dense_server)
         dense = dense_server.result()
+    print(f"TensorFlow's CPU allocator pooled (tf_moe.allocator): "
+          f"{dense['cpu_allocator_pooled']}")
     print(f"dense: {dense['step_seconds']:.3f} s/step (median of its "
           f"{len(dense['step_seconds_all'])} steps)", flush=True)
 

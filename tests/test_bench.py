@@ -45,6 +45,9 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
         assert row.get("skipped") or row["step_seconds"] > 0
     assert report["peers"][0]["step_seconds"] > 0  # GShard needs nothing
     assert report["machine"]["cores"] >= 1
+    # Every worker ran on a pooled CPU allocator (tf_moe.allocator).
+    assert report["dense"]["cpu_allocator_pooled"] is True
+    assert all(row["cpu_allocator_pooled"] for row in report["moe"])
     for gating in ("noisy_top_k", "expert_choice"):
         for mode in ("auto", "xla"):
             assert (f"| tf_moe.MoE {gating} k=2 ({mode} kernels, dropless) "

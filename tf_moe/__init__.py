@@ -4,7 +4,11 @@ Shazeer et al., "Outrageously Large Neural Networks: The Sparsely-Gated
 Mixture-of-Experts Layer", ICLR 2017.
 """
 
-import keras as _keras
+from tf_moe import allocator as _allocator
+
+_allocator.use_pooled_cpu_allocator()
+
+import keras as _keras  # noqa: E402
 
 if _keras.backend.backend() != "tensorflow":
     raise ImportError(
@@ -30,6 +34,7 @@ from tf_moe.routers import GATES
 from tf_moe.top_k_gating import NoisyTopKGate
 from tf_moe.top_k_gating import TopKGate
 from tf_moe.upcycle import upcycle
+from tf_moe import allocator
 from tf_moe import dispatch
 from tf_moe import distribution
 from tf_moe import kernels

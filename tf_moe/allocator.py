@@ -6,10 +6,9 @@ oneDNN kernels on, CPU tensors come from oneDNN's allocator, which pools
 large blocks. With them off (`TF_ENABLE_ONEDNN_OPTS=0`, or a platform whose
 build has them off), TensorFlow's default allocator calls malloc per
 tensor, and glibc maps every block over 32 MB afresh: the page faults of a
-fresh 128 MB tensor cost several times the copy that fills it. Stacking 64
-slices of `[512, 1024]` took 0.087 s that way against 0.021 s from a pool,
-and the layer benchmark's step at E=256 (oneDNN off, AMD EPYC) 2.51 s
-against 1.88 s (README, "Allocator").
+fresh 128 MB tensor cost several times the copy that fills it. The layer
+benchmark's step at E=256 (oneDNN off, AMD EPYC) took 2.51 s that way
+against 1.88 s from a pool (README, "Allocator").
 
 TensorFlow has its own pool (`TF_CPU_ALLOCATOR_USE_BFC=1`), which replaces
 oneDNN's where both would apply. So importing tf_moe turns it on where

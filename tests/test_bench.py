@@ -176,6 +176,27 @@ def test_noise_benchmark_writes_table_and_json(tmp_path):
         assert all(len(times) == 2 for times in row["seconds_all"].values())
 
 
+def test_stacking_benchmark_runs_both_layouts_under_both_allocators(tmp_path):
+    output = tmp_path / "stacking.json"
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(_BENCH),
+                                      "bench_stacking.py"),
+         "--experts=3", "--rows=4,5", "--model_dim=8", "--hidden_size=16",
+         "--rounds=2", f"--output={output}"],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| pooled | True | 5 |" in result.stdout
+    allocators = json.loads(output.read_text())["allocators"]
+    assert allocators["malloc"]["TF_CPU_ALLOCATOR_USE_BFC"] == "0"
+    assert allocators["pooled"]["TF_CPU_ALLOCATOR_USE_BFC"] == "1"
+    for result in allocators.values():
+        assert [row["rows_per_expert"] for row in result["rows"]] == [4, 5]
+        for row in result["rows"]:
+            assert row["ratio"] > 0
+            assert all(len(times) == 2
+                       for times in row["seconds_all"].values())
+
+
 def test_translation_benchmark_joins_rows_of_earlier_runs(tmp_path):
     def row(model, bleu):
         return dict(model=model, parameters=10, ops_per_timestep=20,

@@ -10,7 +10,6 @@ primary gate's.
 """
 
 import argparse
-import json
 import os
 import statistics
 import time
@@ -72,11 +71,7 @@ def main():
     for row in rows:
         cells = " | ".join(f"{row['seconds'][n]:.3f}" for n in names)
         print(f"| {row['samples']:,} | {cells} | {row['ratio']:.2f} |")
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump({"config": vars(args), "machine": workers.machine(),
-                   "rows": rows}, f, indent=2)
-    print(f"\nwrote {args.output}")
+    workers.write_results(args.output, args, rows=rows)
 
 
 if __name__ == "__main__":

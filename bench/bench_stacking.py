@@ -135,11 +135,7 @@ def main():
             row["ratio"] = stacked / separate
             print(f"| {name} | {result['pooled']} | {row['rows_per_expert']} "
                   f"| {stacked:.3f} | {separate:.3f} | {row['ratio']:.2f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-        json.dump({"config": vars(args), "machine": workers.machine(),
-                   "allocators": results}, f, indent=2)
-    print(f"\nwrote {args.output}")
+    workers.write_results(args.output, args, allocators=results)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ step at a time, so that the steps of two configurations can alternate in
 rounds and be compared round by round (`Server.step`)."""
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -93,7 +94,6 @@ class Server:
 def machine():
     """What the figures were taken on: the CPU's model and features, the
     cores, and whether TensorFlow's oneDNN kernels were asked off."""
-    import os
     flags, model = set(), None
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -108,3 +108,13 @@ def machine():
     return {"cpu": model, "cores": os.cpu_count(),
             "avx512": "avx512f" in flags, "amx": "amx_tile" in flags,
             "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
+
+
+def write_results(path, args, **results):
+    """Writes `{"config": vars(args), "machine": machine(), **results}` as
+    JSON to `path` (making its folder) and says so."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"config": vars(args), "machine": machine(), **results},
+                  f, indent=2)
+    print(f"\nwrote {path}")

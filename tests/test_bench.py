@@ -29,6 +29,15 @@ def _run_layer_bench(output, *flags):
     return result.stdout
 
 
+def _run_bench(script, *flags):
+    """Runs bench/`script` with `flags`; returns its stdout."""
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(_BENCH), script),
+         *flags], capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_layer_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "layer.json"
     stdout = _run_layer_bench(
@@ -136,16 +145,12 @@ def test_experts_alone_refuses_rows_that_do_not_split_evenly():
 
 def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "hierarchical.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(_BENCH),
-                                      "bench_hierarchical.py"),
-         "--sizes=2x2,4x2", "--tokens=64", "--model_dim=8",
-         "--hidden_size=4", "--steps=1", "--warmup=1", "--malloc=system",
-         "--flat_gate_limit_gb=0.0000015", "--stream_gigabytes=0.01",
-         f"--output={output}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 4 | 2x2 |" in result.stdout
+    stdout = _run_bench("bench_hierarchical.py", "--sizes=2x2,4x2",
+                        "--tokens=64", "--model_dim=8", "--hidden_size=4",
+                        "--steps=1", "--warmup=1", "--malloc=system",
+                        "--flat_gate_limit_gb=0.0000015",
+                        "--stream_gigabytes=0.01", f"--output={output}")
+    assert "| 4 | 2x2 |" in stdout
     report = json.loads(output.read_text())
     small, large = report["hierarchical"]
     assert small["num_experts"] == 4 and large["num_experts"] == 8
@@ -162,13 +167,9 @@ def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
 
 def test_noise_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "noise.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(_BENCH),
-                                      "bench_noise.py"),
-         "--sizes=1000,2001", "--rounds=2", f"--output={output}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| 2,001 |" in result.stdout
+    stdout = _run_bench("bench_noise.py", "--sizes=1000,2001", "--rounds=2",
+                        f"--output={output}")
+    assert "| 2,001 |" in stdout
     rows = json.loads(output.read_text())["rows"]
     assert [row["samples"] for row in rows] == [1000, 2001]
     for row in rows:
@@ -178,14 +179,10 @@ def test_noise_benchmark_writes_table_and_json(tmp_path):
 
 def test_stacking_benchmark_runs_both_layouts_under_both_allocators(tmp_path):
     output = tmp_path / "stacking.json"
-    result = subprocess.run(
-        [sys.executable, os.path.join(os.path.dirname(_BENCH),
-                                      "bench_stacking.py"),
-         "--experts=3", "--rows=4,5", "--model_dim=8", "--hidden_size=16",
-         "--rounds=2", f"--output={output}"],
-        capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| pooled | True | 5 |" in result.stdout
+    stdout = _run_bench("bench_stacking.py", "--experts=3", "--rows=4,5",
+                        "--model_dim=8", "--hidden_size=16", "--rounds=2",
+                        f"--output={output}")
+    assert "| pooled | True | 5 |" in stdout
     allocators = json.loads(output.read_text())["allocators"]
     assert allocators["malloc"]["TF_CPU_ALLOCATOR_USE_BFC"] == "0"
     assert allocators["pooled"]["TF_CPU_ALLOCATOR_USE_BFC"] == "1"
@@ -195,6 +192,21 @@ def test_stacking_benchmark_runs_both_layouts_under_both_allocators(tmp_path):
             assert row["ratio"] > 0
             assert all(len(times) == 2
                        for times in row["seconds_all"].values())
+
+
+def test_gate_benchmark_times_three_ways_that_agree(tmp_path):
+    output = tmp_path / "gate.json"
+    # The benchmark refuses to time ways that route or differentiate apart.
+    stdout = _run_bench("bench_gate.py", "--shapes=64x8x2,33x16x3",
+                        "--rounds=2", f"--output={output}")
+    assert "| 33 | 16 | 3 |" in stdout
+    rows = json.loads(output.read_text())["rows"]
+    assert [(r["rows"], r["experts"], r["k"]) for r in rows] == [
+        (64, 8, 2), (33, 16, 3)]
+    for row in rows:
+        assert set(row["seconds"]) == {"tensorflow", "xla elementwise",
+                                       "xla all"}
+        assert all(len(times) == 2 for times in row["seconds_all"].values())
 
 
 def test_translation_benchmark_joins_rows_of_earlier_runs(tmp_path):

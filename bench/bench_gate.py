@@ -22,8 +22,6 @@ three route alike and agree on the loss and its gradient.
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -125,16 +123,11 @@ def main():
         steps = _steps(num_rows, num_experts, k)
         # Trace, compile and warm up; the ways must agree.
         _check_agree({way: step() for way, step in steps.items()})
-        seconds = {way: [] for way in steps}
-        for _ in range(args.rounds):
-            for way, step in steps.items():
-                start = time.perf_counter()
-                step()[0].numpy()
-                seconds[way].append(time.perf_counter() - start)
+        medians, seconds = workers.time_in_rounds(
+            {way: (lambda step=step: step()[0].numpy())
+             for way, step in steps.items()}, args.rounds)
         rows.append({"rows": num_rows, "experts": num_experts, "k": k,
-                     "seconds": {w: statistics.median(s)
-                                 for w, s in seconds.items()},
-                     "seconds_all": seconds})
+                     "seconds": medians, "seconds_all": seconds})
 
     ways = list(rows[0]["seconds"])
     print("| rows | experts | k | " + " (s) | ".join(ways) + " (s) |")

@@ -11,8 +11,6 @@ primary gate's.
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -51,16 +49,11 @@ def main():
         draws = _draws(size)
         for draw in draws.values():
             draw().numpy()  # trace and warm up
-        seconds = {name: [] for name in draws}
-        for _ in range(args.rounds):
-            for name, draw in draws.items():
-                start = time.perf_counter()
-                draw().numpy()
-                seconds[name].append(time.perf_counter() - start)
+        medians, seconds = workers.time_in_rounds(
+            {name: (lambda draw=draw: draw().numpy())
+             for name, draw in draws.items()}, args.rounds)
         tensorflow_name, tf_moe_name = draws
-        row = {"samples": size,
-               "seconds": {n: statistics.median(s) for n, s in seconds.items()},
-               "seconds_all": seconds}
+        row = {"samples": size, "seconds": medians, "seconds_all": seconds}
         row["ratio"] = row["seconds"][tf_moe_name] / row["seconds"][
             tensorflow_name]
         rows.append(row)

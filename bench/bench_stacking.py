@@ -20,9 +20,7 @@ import argparse
 import json
 import math
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -84,16 +82,11 @@ def _run_worker(args):
         first = {name: step().numpy() for name, step in steps.items()}
         if not math.isclose(*first.values(), rel_tol=1e-4):
             raise RuntimeError(f"the layouts disagree: {first}")
-        seconds = {name: [] for name in steps}
-        for _ in range(args.rounds):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                step().numpy()
-                seconds[name].append(time.perf_counter() - start)
+        medians, seconds = workers.time_in_rounds(
+            {name: (lambda step=step: step().numpy())
+             for name, step in steps.items()}, args.rounds)
         rows.append({"rows_per_expert": rows_per_expert,
-                     "seconds": {n: statistics.median(s)
-                                 for n, s in seconds.items()},
-                     "seconds_all": seconds})
+                     "seconds": medians, "seconds_all": seconds})
     print("RESULT " + json.dumps({
         "pooled": allocator.cpu_allocator_pooled(),
         "TF_CPU_ALLOCATOR_USE_BFC": os.environ.get(allocator.POOL_VARIABLE),

@@ -7,9 +7,11 @@ rounds and be compared round by round (`Server.step`)."""
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 
 def measure(script, worker, args, names, env=None):
@@ -118,3 +120,21 @@ def write_results(path, args, **results):
         json.dump({"config": vars(args), "machine": machine(), **results},
                   f, indent=2)
     print(f"\nwrote {path}")
+
+
+def time_in_rounds(functions, rounds):
+    """Times each of `functions` (`{name: () -> None}`, each returning once
+    its work is done) once per round, in turn, so that the machine's drift
+    falls on all alike.
+
+    Returns:
+        `(medians, seconds)`: `{name: median seconds}` and `{name: [seconds
+        of each round]}`.
+    """
+    seconds = {name: [] for name in functions}
+    for _ in range(rounds):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in seconds.items()}, seconds

@@ -33,10 +33,12 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 import curves  # noqa: E402
+import kernel_choices  # noqa: E402
 from configs.nmt import paper  # noqa: E402
 from trainers.common import text  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.nmt.train import TranslationRun  # noqa: E402
+from tf_moe import kernels  # noqa: E402
 
 _MODELS = flags.DEFINE_list("models", ["gnmt", "moe-32", "moe-512-h"],
                             "Models of configs/nmt/paper.py to train.")
@@ -101,12 +103,14 @@ def main(argv):
     for path in _ROWS_FROM.value:
         with open(path) as f:
             rows += json.load(f)["rows"]
+    kernel_choices.load()
     root = tempfile.mkdtemp(prefix="bench_nmt_")
     vocabulary = _VOCABULARY.value or None
     for name in _MODELS.value:
         workdir = os.path.join(root, name)
         rows.append(train_one(name, workdir, vocabulary))
         vocabulary = os.path.join(workdir, text.MODEL_FILE)
+    kernel_choices.save()
     print("\n| model | parameters | ops/timestep | valid BLEU | valid ppl "
           "| tokens/s |")
     print("|---|---|---|---|---|---|")
@@ -118,7 +122,8 @@ def main(argv):
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(steps=_STEPS.value or 1500,
                            eval_every=_EVAL_EVERY.value,
-                           rows_from=_ROWS_FROM.value, rows=rows), f,
+                           rows_from=_ROWS_FROM.value, rows=rows,
+                           kernel_choices=kernels.measurements()), f,
                       indent=2)
     if _CURVES.value:
         curves.plot_learning_curves(

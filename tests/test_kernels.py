@@ -1,5 +1,7 @@
 """The kernels of the experts' products, and their choice by measurement."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -37,6 +39,28 @@ def test_every_candidate_computes_its_product(product, name, shards):
                                atol=1e-5)
 
 
+def _fake_timings(monkeypatch, seconds_of):
+    """Every candidate "timed" at `seconds_of(shape, name)`; returns the
+    list of the shapes timed."""
+    timed = []
+
+    def fake_time(candidate, shape):
+        timed.append(shape)
+        name, = [n for n, c in kernels.CANDIDATES[shape.product].items()
+                 if c is candidate]
+        return seconds_of(shape, name)
+
+    monkeypatch.setattr(kernels, "_time", fake_time)
+    return timed
+
+
+def _no_timing(monkeypatch):
+    def fail(*args):
+        raise AssertionError("a choice was timed")
+    monkeypatch.setattr(kernels, "_time", fail)
+    monkeypatch.setattr(kernels, "_time_calls", fail)
+
+
 def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
         kernel_mode, monkeypatch):
     kernel_mode("auto")
@@ -46,15 +70,8 @@ def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
                "input_gradient": {"tensorflow": 3.0,
                                   "tensorflow_transposed": 1.0, "xla": 2.0,
                                   "per_expert": 2.0}}
-    timed = []
-
-    def fake_time(candidate, shape):
-        timed.append(shape)
-        name, = [n for n, c in kernels.CANDIDATES[shape.product].items()
-                 if c is candidate]
-        return seconds[shape.product][name]
-
-    monkeypatch.setattr(kernels, "_time", fake_time)
+    timed = _fake_timings(
+        monkeypatch, lambda shape, name: seconds[shape.product][name])
     chosen = kernels.choose(1, 8, None, 16, 32, tf.float32)
     assert chosen == ("xla", "tensorflow", "tensorflow_transposed")
     assert len(timed) == 10
@@ -219,6 +236,69 @@ def test_padded_must_beat_packed_by_the_required_speedup():
                                    "padded": 0.99 * margin}) == "padded"
     assert kernels._faster_layout({"packed": 1.0,
                                    "padded": 1.01 * margin}) == "packed"
+
+
+def test_saved_choices_are_loaded_and_run_without_timing(kernel_mode,
+                                                         monkeypatch,
+                                                         tmp_path):
+    kernel_mode("auto")
+    _fake_timings(monkeypatch,
+                  lambda shape, name: 0.5 if name == "xla" else 1.0)
+    chosen = kernels.choose(1, 8, 64, 16, 32, tf.float32)
+    assert chosen == ("xla",) * 3
+    layout_shape = kernels.LayoutShape("CPU", "float32", 8, 16, 4, 6, 4,
+                                       "ffn")
+    x = tf.zeros((8, 4))
+    layout = kernels.choose_layout(layout_shape, lambda experts: {
+        "padded": (lambda x: x, (x,)), "packed": (lambda x: x, (x,))})
+    path = str(tmp_path / "choices.json")
+    kernels.save_choices(path)
+    saved = kernels.measurements()
+
+    kernels.clear_measurements()
+    _no_timing(monkeypatch)
+    kernels.load_choices(path)
+    assert kernels.measurements() == saved
+    assert kernels.choose(1, 8, 64, 16, 32, tf.float32) == chosen
+    assert kernels.choose_layout(layout_shape, None) == layout
+    with pytest.raises(AssertionError, match="timed"):  # Not in the file.
+        kernels.choose(1, 8, 32, 16, 32, tf.float32)
+
+
+@pytest.mark.parametrize("content,message", [
+    ({"forward": "xla"}, "expected a JSON list"),
+    ([{"product": "forward", "device": "CPU", "chosen": "xla"}],
+     "is not a choice"),
+    ([dict(product="forward", device="CPU", dtype="float32", shards=1,
+           experts=8, rows=64, in_width=16, out_width=32, seconds={},
+           chosen="cublas")], "expected one of"),
+    ([dict(product="layout", device="CPU", dtype="float32", experts=8,
+           rows=16, model_dim=4, hidden_width=6, output_size=4,
+           expert_type="ffn", chosen="xla")], "expected one of"),
+])
+def test_bad_choice_files_are_refused_naming_the_file(content, message,
+                                                      kernel_mode, tmp_path):
+    path = tmp_path / "choices.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(ValueError, match=message) as error:
+        kernels.load_choices(str(path))
+    assert str(path) in str(error.value)
+
+
+def test_op_determinism_chooses_without_timing(kernel_mode, monkeypatch):
+    from tensorflow.python.framework import config as tf_config
+    kernel_mode("auto")
+    _no_timing(monkeypatch)
+    tf.config.experimental.enable_op_determinism()
+    try:
+        assert kernels.choose(1, 8, 64, 16, 32, tf.float32) == (
+            "tensorflow",) * 3
+        shape = kernels.LayoutShape("CPU", "float32", 8, 16, 4, 6, 4, "ffn")
+        assert kernels.choose_layout(shape, None) == "padded"
+    finally:
+        tf_config.disable_op_determinism()
+    assert {m["chosen"] for m in kernels.measurements()} == {
+        "tensorflow", "padded"}
 
 
 def test_set_mode_refuses_an_unknown_mode():

@@ -241,6 +241,37 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(text_splits,
     assert "unreadable" in capsys.readouterr().out
 
 
+def test_a_run_given_the_kernel_choices_of_another_repeats_it(
+        text_splits, tmp_path, kernel_mode, monkeypatch):
+    """The experts' kernels chosen by timing ("auto") are written to the
+    workdir; a run with the same seed that finds them there times nothing
+    and repeats the first run's losses to the last digit."""
+    import shutil
+    import keras
+    from tf_moe import kernels
+    kernel_mode("auto")
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 4
+    first = tmp_path / "first"
+    LanguageModelRun(config, str(first), Distribution()).train()
+    choices = first / "kernel_choices.json"
+    chosen = json.loads(choices.read_text())
+    assert "layout" in {entry["product"] for entry in chosen}
+
+    kernels.clear_measurements()
+    keras.backend.clear_session()
+
+    def fail(*args):
+        raise AssertionError("a choice was timed")
+    monkeypatch.setattr(kernels, "_time_calls", fail)
+    second = tmp_path / "second"
+    second.mkdir()
+    shutil.copy(choices, second / "kernel_choices.json")
+    LanguageModelRun(config, str(second), Distribution()).train()
+    assert _losses(str(second)) == _losses(str(first))
+    assert json.loads((second / "kernel_choices.json").read_text()) == chosen
+
+
 # MirroredStrategy against one device: tests/test_lm_transformer.py (the
 # trainer's replica step is the same for both architectures).
 

@@ -34,6 +34,14 @@ activation, which a product alone does not show. Mode "per_expert" forces
 the packed layout where a layer can run it (one token shard, up to
 `PER_EXPERT_MAX_EXPERTS`), with TensorFlow's kernels elsewhere.
 
+Timings vary between processes, so two runs of the same seed can choose
+differently where candidates are close, and then add in another order: "auto"
+alone does not repeat a run to the last digit. `save_choices` writes what was
+chosen and `load_choices` runs by it without timing again (the trainers keep
+the file in their workdir); where TensorFlow's op determinism is on
+(`tf.config.experimental.enable_op_determinism()`), "auto" times nothing and
+runs TensorFlow's kernels in the padded layout, as mode "tensorflow" does.
+
 Where a program cannot run an XLA-compiled function (a mesh of several
 devices), the callers ask for `allow_xla=False` and get TensorFlow's kernel.
 `choose` returns the names of the chosen candidates (`Choice`), so that a
@@ -41,12 +49,14 @@ caller can run a product of other shapes in the same orientation.
 """
 
 import functools
+import json
 import os
 import time
 from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
 MODES = ("auto", "tensorflow", "xla", "per_expert")
 LAYOUTS = ("padded", "packed")
@@ -200,12 +210,68 @@ def clear_measurements():
 
 
 def measurements():
-    """What "auto" mode timed: one dict per product shape (`ProductShape`)
+    """What "auto" mode chose: one dict per product shape (`ProductShape`)
     and per layout shape (`LayoutShape`, with "product": "layout"), with
-    the seconds of every candidate and the one chosen."""
+    the seconds of every candidate (none where the choice was loaded
+    without them or made without timing) and the one chosen."""
     return [dict({"product": "layout"}, **shape._asdict(),
                  seconds=dict(_timings[shape]), chosen=_chosen[shape])
             for shape in _timings]
+
+
+def save_choices(path):
+    """Writes every choice made so far, with its timings (`measurements()`),
+    as JSON to `path`, for `load_choices`."""
+    # Written whole, then renamed: a process that loads the file (another
+    # host of the run) never reads half of it.
+    partial = f"{path}.{os.getpid()}.partial"
+    with open(partial, "w") as f:
+        json.dump(measurements(), f, indent=1)
+    os.replace(partial, path)
+
+
+def load_choices(path):
+    """Runs by the choices that `save_choices` wrote to `path`: a shape
+    found there is not timed, so that a run repeated or resumed with the
+    same seed runs the same kernels and adds in the same order. The file's
+    choices replace those made for the same shapes in this process; load
+    before the layers are first called."""
+    with open(path) as f:
+        entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError(f"Kernel choices {path!r}: expected a JSON list of "
+                         f"what `save_choices` writes, got "
+                         f"{type(entries).__name__}.")
+    for entry in entries:
+        shape, names = _parse_choice(entry, path)
+        if entry.get("chosen") not in names:
+            raise ValueError(
+                f"Kernel choices {path!r}: {entry!r} chose "
+                f"{entry.get('chosen')!r}, expected one of {names}.")
+        _timings[shape] = dict(entry.get("seconds", {}))
+        _chosen[shape] = entry["chosen"]
+
+
+def _parse_choice(entry, path):
+    """`(shape, names it can choose)` of one entry of `measurements()`."""
+    fields = {key: value for key, value in entry.items()
+              if key not in ("seconds", "chosen")}
+    try:
+        if fields.get("product") == "layout":
+            del fields["product"]
+            return LayoutShape(**fields), LAYOUTS
+        return ProductShape(**fields), tuple(CANDIDATES[fields["product"]])
+    except (TypeError, KeyError) as error:
+        raise ValueError(f"Kernel choices {path!r}: {entry!r} is not a "
+                         f"choice `save_choices` writes ({error}).") from None
+
+
+def _timing_off():
+    """Whether "auto" must choose without timing: TensorFlow's op
+    determinism is on, and a timing would make the choice (and with it the
+    order of the sums) differ between runs."""
+    enabled = getattr(tf_config, "is_op_determinism_enabled", None)
+    return bool(enabled and enabled())
 
 
 class Choice(NamedTuple):
@@ -290,6 +356,8 @@ def choose_layout(shape, make_candidates):
         return "padded"
     if _mode == "per_expert":
         return "packed"
+    if shape not in _chosen and _timing_off():
+        _timings[shape], _chosen[shape] = {}, "padded"
     if shape not in _chosen:
         with tf.init_scope(), tf.device(_timing_device()):
             rows = max(shape.rows, shape.padded_rows or 0)
@@ -343,6 +411,8 @@ def _timing_device():
 
 
 def _choose(shape):
+    if shape not in _chosen and _timing_off():
+        _timings[shape], _chosen[shape] = {}, "tensorflow"
     if shape not in _chosen:
         # Eagerly, outside any function being traced, on a plain device
         # (not a DTensor mesh's).

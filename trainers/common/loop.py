@@ -11,7 +11,12 @@ shows (`progress_values`); the loop does the rest the same way for both:
   expert-load histograms;
 - DIR/train_losses.jsonl, one line per step, cut back to the checkpoint a
   killed run resumes from so that it reads as one uninterrupted run;
-- checkpoints every `config.train.checkpoint_every` steps and at the end.
+- checkpoints every `config.train.checkpoint_every` steps and at the end,
+  with DIR/kernel_choices.json beside them: the experts' kernels and layouts
+  that `tf_moe.kernels` chose by timing. A run started in a workdir that
+  holds that file runs by it instead of timing again, so a resumed run
+  keeps its kernels, and a run with the same seed in a workdir given a copy
+  of the file repeats the first to the last digit.
 """
 
 import abc
@@ -26,7 +31,10 @@ import tensorflow as tf
 from trainers.common import checkpoints as checkpoints_lib
 from trainers.common import progress as progress_lib
 from trainers.common.schedule import WarmupInverseSqrt
+from tf_moe import kernels
 from tf_moe import sharding
+
+KERNEL_CHOICES_FILE = "kernel_choices.json"
 
 
 def moe_layers(model):
@@ -88,6 +96,8 @@ class TrainingRun(abc.ABC):
         `learning_curve`.
         """
         train = self.config.train
+        if os.path.exists(self._kernel_choices_path):
+            kernels.load_choices(self._kernel_choices_path)
         keras.utils.set_random_seed(self.config.seed)
         with self.distribution.scope():
             models = build_models()
@@ -180,10 +190,17 @@ class TrainingRun(abc.ABC):
                 if (step % config.checkpoint_every == 0
                         or step == config.steps):
                     self.checkpoints.save()
+                    kernels.save_choices(self._kernel_choices_path)
                 if config.eval_every and step % config.eval_every == 0 \
                         and step != config.steps:
                     self._evaluate_valid(writer)
-        return self._evaluate_valid(writer)
+        result = self._evaluate_valid(writer)
+        kernels.save_choices(self._kernel_choices_path)  # Eval's shapes too.
+        return result
+
+    @property
+    def _kernel_choices_path(self):
+        return os.path.join(self.workdir, KERNEL_CHOICES_FILE)
 
     def _evaluate_valid(self, writer):
         result = self.evaluate("valid", writer=writer)

@@ -61,11 +61,13 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 import curves  # noqa: E402
+import kernel_choices  # noqa: E402
 from configs.lm import table7  # noqa: E402
 from configs.lm import transformer  # noqa: E402
 from trainers.common import text  # noqa: E402
 from trainers.common.distribution import Distribution  # noqa: E402
 from trainers.lm.train import LanguageModelRun  # noqa: E402
+from tf_moe import kernels  # noqa: E402
 
 _TABLE = flags.DEFINE_enum("table", "7", ["6", "7", "transformer"],
                            "The paper's table, or the Transformer family.")
@@ -89,6 +91,9 @@ _MODEL_OVERRIDES = flags.DEFINE_multi_string(
     "model_override", [], "key=value: a field of config.model set in every "
     "model, the value a Python literal (e.g. ffn_hidden=(4096,)); the rows' "
     "labels name it.")
+_TOKENS_PER_BATCH = flags.DEFINE_integer(
+    "tokens_per_batch", 0, "Padded tokens per batch (0: the config's, 2,048 "
+    "at CPU scale); the rows' labels name it.")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _PLOT = flags.DEFINE_string("plot", "", "PNG plot of perplexity vs experts.")
 _CURVES = flags.DEFINE_string(
@@ -148,6 +153,8 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     config.train.eval_every = _EVAL_EVERY.value
     if _CORPORA.value:
         config.data.corpora = tuple(_CORPORA.value)
+    if _TOKENS_PER_BATCH.value:
+        config.data.tokens_per_batch = _TOKENS_PER_BATCH.value
     unknown = sorted(set(model_overrides) - set(config.model))
     if unknown:
         raise ValueError(f"--model_override: {name}'s config.model has no "
@@ -172,6 +179,7 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
         # the final evaluation included.
         tokens_per_second=run.trained_tokens / seconds,
         corpora=list(config.data.corpora),
+        tokens_per_batch=config.data.tokens_per_batch,
         model_overrides={key: config.model[key] for key in model_overrides},
         routing=result["routing"],
         train_routing=run.train_routing,
@@ -229,6 +237,8 @@ def family_rows(root, family):
     rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
     overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
     suffix = "".join(f" {item}" for item in _MODEL_OVERRIDES.value)
+    if _TOKENS_PER_BATCH.value:
+        suffix += f" tokens_per_batch={_TOKENS_PER_BATCH.value}"
     for name in _MODELS.value or family:
         for rate in rates:
             label = name if rate is None else f"{name} lr={rate:g}"
@@ -308,6 +318,7 @@ def main(argv):
         return
     if _PLOT.value or _CURVES.value:
         import matplotlib  # noqa: F401  Fails now, not after the training.
+    kernel_choices.load()
     root = tempfile.mkdtemp(prefix="bench_lm_")
     if _TABLE.value == "7":
         rows = family_rows(root, table7.MODELS)
@@ -318,11 +329,13 @@ def main(argv):
     else:
         rows = table6_rows(root)
         print_table6(rows)
+    kernel_choices.save()
     if _OUTPUT.value:
         with open(_OUTPUT.value, "w") as f:
             json.dump(dict(table=_TABLE.value, every_other=_EVERY_OTHER.value,
                            steps=_STEPS.value or 1000,
-                           eval_every=_EVAL_EVERY.value, rows=rows),
+                           eval_every=_EVAL_EVERY.value, rows=rows,
+                           kernel_choices=kernels.measurements()),
                       f, indent=2)
     if _PLOT.value and _TABLE.value == "7":
         plot(rows, _PLOT.value)

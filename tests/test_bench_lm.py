@@ -46,11 +46,18 @@ def test_lm_benchmark_rows_curves_and_redraw(tmp_path):
 
 def test_lm_benchmark_model_override(tmp_path):
     output = tmp_path / "lm.json"
+    choices = tmp_path / "kernel_choices.json"
     stdout = _run("--models=moe-1-wide", "--steps=2",
-                  "--model_override=ffn_hidden=(96,)", f"--output={output}")
-    assert "| moe-1-wide ffn_hidden=(96,) |" in stdout
-    (row,) = json.loads(output.read_text())["rows"]
+                  "--model_override=ffn_hidden=(96,)",
+                  "--tokens_per_batch=1024", f"--kernel_choices={choices}",
+                  f"--output={output}")
+    assert "| moe-1-wide ffn_hidden=(96,) tokens_per_batch=1024 |" in stdout
+    results = json.loads(output.read_text())
+    (row,) = results["rows"]
     assert row["model_overrides"] == {"ffn_hidden": [96]}
+    assert row["tokens_per_batch"] == 1024
+    # The kernels chosen (none to time for a dense model) are recorded.
+    assert json.loads(choices.read_text()) == results["kernel_choices"]
     # Two LSTMs of 64 (66,048 weights, as in the table's 132,160 with its
     # FFN of 512), then the overridden FFN 64 -> 96 -> 64 with its biases.
     assert row["parameters"] == 66_048 + 64 * 96 + 96 + 96 * 64 + 64

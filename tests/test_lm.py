@@ -3,12 +3,14 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,6 +24,7 @@ from trainers.lm import data as data_lib
 from trainers.lm import export as export_lib
 from trainers.lm import model as model_lib
 from trainers.lm.train import LanguageModelRun
+from tf_moe import kernels
 
 
 @pytest.fixture(scope="module")
@@ -246,9 +249,6 @@ def test_a_run_given_the_kernel_choices_of_another_repeats_it(
     """The experts' kernels chosen by timing ("auto") are written to the
     workdir; a run with the same seed that finds them there times nothing
     and repeats the first run's losses to the last digit."""
-    import shutil
-    import keras
-    from tf_moe import kernels
     kernel_mode("auto")
     config = lm_fixtures.small_config(text_splits)
     config.train.steps = 4

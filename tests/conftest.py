@@ -41,5 +41,16 @@ def kernel_mode():
 
 
 @pytest.fixture
+def no_kernel_timing(monkeypatch):
+    """Fails the test if `tf_moe.kernels` times anything."""
+    from tf_moe import kernels
+
+    def fail(*args):
+        raise AssertionError("a choice was timed")
+    monkeypatch.setattr(kernels, "_time", fail)  # Faked by some tests.
+    monkeypatch.setattr(kernels, "_time_calls", fail)
+
+
+@pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -54,13 +54,6 @@ def _fake_timings(monkeypatch, seconds_of):
     return timed
 
 
-def _no_timing(monkeypatch):
-    def fail(*args):
-        raise AssertionError("a choice was timed")
-    monkeypatch.setattr(kernels, "_time", fail)
-    monkeypatch.setattr(kernels, "_time_calls", fail)
-
-
 def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
         kernel_mode, monkeypatch):
     kernel_mode("auto")
@@ -240,7 +233,7 @@ def test_padded_must_beat_packed_by_the_required_speedup():
 
 def test_saved_choices_are_loaded_and_run_without_timing(kernel_mode,
                                                          monkeypatch,
-                                                         tmp_path):
+                                                         tmp_path, request):
     kernel_mode("auto")
     _fake_timings(monkeypatch,
                   lambda shape, name: 0.5 if name == "xla" else 1.0)
@@ -256,7 +249,7 @@ def test_saved_choices_are_loaded_and_run_without_timing(kernel_mode,
     saved = kernels.measurements()
 
     kernels.clear_measurements()
-    _no_timing(monkeypatch)
+    request.getfixturevalue("no_kernel_timing")  # From here on.
     kernels.load_choices(path)
     assert kernels.measurements() == saved
     assert kernels.choose(1, 8, 64, 16, 32, tf.float32) == chosen
@@ -285,10 +278,10 @@ def test_bad_choice_files_are_refused_naming_the_file(content, message,
     assert str(path) in str(error.value)
 
 
-def test_op_determinism_chooses_without_timing(kernel_mode, monkeypatch):
+def test_op_determinism_chooses_without_timing(kernel_mode,
+                                               no_kernel_timing):
     from tensorflow.python.framework import config as tf_config
     kernel_mode("auto")
-    _no_timing(monkeypatch)
     tf.config.experimental.enable_op_determinism()
     try:
         assert kernels.choose(1, 8, 64, 16, 32, tf.float32) == (

@@ -245,7 +245,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(text_splits,
 
 
 def test_a_run_given_the_kernel_choices_of_another_repeats_it(
-        text_splits, tmp_path, kernel_mode, monkeypatch):
+        text_splits, tmp_path, kernel_mode, request):
     """The experts' kernels chosen by timing ("auto") are written to the
     workdir; a run with the same seed that finds them there times nothing
     and repeats the first run's losses to the last digit."""
@@ -261,9 +261,7 @@ def test_a_run_given_the_kernel_choices_of_another_repeats_it(
     kernels.clear_measurements()
     keras.backend.clear_session()
 
-    def fail(*args):
-        raise AssertionError("a choice was timed")
-    monkeypatch.setattr(kernels, "_time_calls", fail)
+    request.getfixturevalue("no_kernel_timing")  # From here on.
     second = tmp_path / "second"
     second.mkdir()
     shutil.copy(choices, second / "kernel_choices.json")

@@ -266,12 +266,13 @@ def _parse_choice(entry, path):
                          f"choice `save_choices` writes ({error}).") from None
 
 
-def _timing_off():
-    """Whether "auto" must choose without timing: TensorFlow's op
-    determinism is on, and a timing would make the choice (and with it the
-    order of the sums) differ between runs."""
+def _choose_untimed_under_determinism(shape, name):
+    """Chooses `name` for `shape`, untimed, if `shape` has no choice yet
+    and TensorFlow's op determinism is on: a timing would make the choice
+    (and with it the order of the sums) differ between runs."""
     enabled = getattr(tf_config, "is_op_determinism_enabled", None)
-    return bool(enabled and enabled())
+    if shape not in _chosen and enabled and enabled():
+        _timings[shape], _chosen[shape] = {}, name
 
 
 class Choice(NamedTuple):
@@ -356,8 +357,7 @@ def choose_layout(shape, make_candidates):
         return "padded"
     if _mode == "per_expert":
         return "packed"
-    if shape not in _chosen and _timing_off():
-        _timings[shape], _chosen[shape] = {}, "padded"
+    _choose_untimed_under_determinism(shape, "padded")
     if shape not in _chosen:
         with tf.init_scope(), tf.device(_timing_device()):
             rows = max(shape.rows, shape.padded_rows or 0)
@@ -411,8 +411,7 @@ def _timing_device():
 
 
 def _choose(shape):
-    if shape not in _chosen and _timing_off():
-        _timings[shape], _chosen[shape] = {}, "tensorflow"
+    _choose_untimed_under_determinism(shape, "tensorflow")
     if shape not in _chosen:
         # Eagerly, outside any function being traced, on a plain device
         # (not a DTensor mesh's).

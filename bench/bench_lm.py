@@ -42,6 +42,7 @@ experts and a hierarchical MoE, all at matched ops/timestep), same columns:
 """
 
 import ast
+import itertools
 import json
 import os
 import shutil
@@ -84,6 +85,11 @@ _LEARNING_RATES = flags.DEFINE_list(
     "learning_rates", [], "Peak learning rates: each model trains once at "
     "each (default: the config's, 3e-3 at CPU scale). Rows are labelled "
     "`<model> lr=<rate>`.")
+_EXPERT_LEARNING_RATE_SCALES = flags.DEFINE_list(
+    "expert_learning_rate_scales", [], "Multipliers of the routed experts' "
+    "rate (config.train.expert_learning_rate_scale; tf_moe.optimizers): "
+    "numbers or `square_root` (sqrt(k / E) per MoE layer). Each model "
+    "trains once at each rate and each scale; the rows' labels name it.")
 _CORPORA = flags.DEFINE_list(
     "corpora", [], "Embedded corpora to train and evaluate on, interleaved "
     "(trainers/corpora; default: the config's, the World English Bible).")
@@ -143,13 +149,16 @@ def parse_model_overrides(items):
 
 
 def train_one(name, steps, workdir, vocabulary, learning_rate=None,
-              label=None, **model_overrides):
+              expert_learning_rate_scale=None, label=None,
+              **model_overrides):
     """Trains `name` at CPU scale; returns its row (valid evaluation)."""
     config = _cpu_config(name)
     if steps:
         config.train.steps = steps
     if learning_rate:
         config.train.learning_rate = learning_rate
+    if expert_learning_rate_scale is not None:
+        config.train.expert_learning_rate_scale = expert_learning_rate_scale
     config.train.eval_every = _EVAL_EVERY.value
     if _CORPORA.value:
         config.data.corpora = tuple(_CORPORA.value)
@@ -172,6 +181,7 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     return dict(
         model=name, label=label or name, experts=_experts(config.model),
         learning_rate=config.train.learning_rate,
+        expert_learning_rate_scale=config.train.expert_learning_rate_scale,
         parameters=run.num_parameters, ops_per_timestep=run.ops_per_timestep,
         valid_perplexity_per_word=result["perplexity_per_word"],
         steps=config.train.steps, train_seconds=seconds,
@@ -229,24 +239,38 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
+def _number_or_name(value):
+    """A flag's value as a float if it reads as one (else the string)."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
+
+
 def family_rows(root, family):
     """One row per model of `family` (or of --models) and learning rate, in
     order."""
     rows = []
     vocabulary = None
     rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
+    scales = [_number_or_name(scale) for scale in
+              _EXPERT_LEARNING_RATE_SCALES.value] or [None]
     overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
     suffix = "".join(f" {item}" for item in _MODEL_OVERRIDES.value)
     if _TOKENS_PER_BATCH.value:
         suffix += f" tokens_per_batch={_TOKENS_PER_BATCH.value}"
     for name in _MODELS.value or family:
-        for rate in rates:
+        for rate, scale in itertools.product(rates, scales):
             label = name if rate is None else f"{name} lr={rate:g}"
+            if scale is not None:
+                label += f" expert_lr_scale={scale:g}" if isinstance(
+                    scale, float) else f" expert_lr_scale={scale}"
             label += suffix
             workdir = os.path.join(root, str(len(rows)))
             rows.append(train_one(name, _STEPS.value, workdir, vocabulary,
-                                  learning_rate=rate, label=label,
-                                  **overrides))
+                                  learning_rate=rate,
+                                  expert_learning_rate_scale=scale,
+                                  label=label, **overrides))
             vocabulary = os.path.join(workdir, text.MODEL_FILE)
     return rows
 

@@ -49,13 +49,16 @@ def test_lm_benchmark_model_override(tmp_path):
     choices = tmp_path / "kernel_choices.json"
     stdout = _run("--models=moe-1-wide", "--steps=2",
                   "--model_override=ffn_hidden=(96,)",
+                  "--expert_learning_rate_scales=0.5",
                   "--tokens_per_batch=1024", f"--kernel_choices={choices}",
                   f"--output={output}")
-    assert "| moe-1-wide ffn_hidden=(96,) tokens_per_batch=1024 |" in stdout
+    assert ("| moe-1-wide expert_lr_scale=0.5 ffn_hidden=(96,) "
+            "tokens_per_batch=1024 |") in stdout
     results = json.loads(output.read_text())
     (row,) = results["rows"]
     assert row["model_overrides"] == {"ffn_hidden": [96]}
     assert row["tokens_per_batch"] == 1024
+    assert row["expert_learning_rate_scale"] == 0.5
     # The kernels chosen (none to time for a dense model) are recorded.
     assert json.loads(choices.read_text()) == results["kernel_choices"]
     # Two LSTMs of 64 (66,048 weights, as in the table's 132,160 with its

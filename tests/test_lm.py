@@ -25,6 +25,7 @@ from trainers.lm import export as export_lib
 from trainers.lm import model as model_lib
 from trainers.lm.train import LanguageModelRun
 from tf_moe import kernels
+from tf_moe import optimizers
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +366,24 @@ def test_export_scores_and_samples_raw_text_without_tf_moe(text_splits,
                                evaluation["perplexity_per_word"], rtol=1e-4)
     assert len(served["samples"]) == 2
     assert all(isinstance(s, str) for s in served["samples"])
+
+
+def test_expert_learning_rate_scale_reaches_the_routed_experts(text_splits,
+                                                               tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 0
+    for scale, expected in ((0.25, 0.25), ("square_root", math.sqrt(2 / 4))):
+        config.train.expert_learning_rate_scale = scale
+        run = LanguageModelRun(config, str(tmp_path / str(scale)),
+                               Distribution())
+        experts = optimizers.routed_expert_weights(*run.models)
+        assert len(experts) == 4  # One MoE layer: two kernels, two biases.
+        for weight in run.trainable_variables:
+            assert run.optimizer.learning_rate_scale(weight) == pytest.approx(
+                expected if any(weight is w for w in experts) else 1.0)
+    config.train.expert_learning_rate_scale = 0.0
+    with pytest.raises(ValueError, match="`expert_learning_rate_scale`"):
+        LanguageModelRun(config, str(tmp_path / "bad"), Distribution())
 
 
 # Bad input -------------------------------------------------------------------

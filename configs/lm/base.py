@@ -9,6 +9,7 @@ root decay; a sampled softmax over its 793k-word vocabulary.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def base_config():
@@ -61,6 +62,11 @@ def base_config():
     config.train = train = ml_collections.ConfigDict()
     train.steps = 27_000
     train.learning_rate = 1e-3
+    # The routed experts' weights step at this times the rate (Adam;
+    # tf_moe.optimizers): 1.0 is the paper's one rate for all,
+    # "square_root" sqrt(k / E) of it for each MoE layer.
+    train.expert_learning_rate_scale = config_dict.FieldReference(
+        1.0, field_type=object)  # A number or a rule's name.
     train.warmup_steps = 1000
     train.constant_steps = 0  # At the peak rate before the decay.
     train.clip_norm = 1.0  # Global norm; 0 for none.

@@ -32,6 +32,7 @@ from trainers.common import checkpoints as checkpoints_lib
 from trainers.common import progress as progress_lib
 from trainers.common.schedule import WarmupInverseSqrt
 from tf_moe import kernels
+from tf_moe import optimizers
 from tf_moe import sharding
 
 KERNEL_CHOICES_FILE = "kernel_choices.json"
@@ -69,8 +70,8 @@ class Window:
 
 class TrainingRun(abc.ABC):
     """The loop over a run's state. Subclasses set `config` (with `seed`
-    and `config.train`: steps, learning_rate, warmup_steps, constant_steps,
-    clip_norm, log_every, checkpoint_every, checkpoints_to_keep,
+    and `config.train`: steps, learning_rate, expert_learning_rate_scale,
+    warmup_steps, constant_steps, clip_norm, log_every, checkpoint_every, checkpoints_to_keep,
     eval_every), `workdir` and `distribution`, call `build_training`, and
     implement `loss_stats`, `evaluate` and `progress_values`.
     """
@@ -91,7 +92,8 @@ class TrainingRun(abc.ABC):
             The models, by name.
 
         Sets `models`, `schedule`, `optimizer` (Adam with global norm
-        clipping), `step`, `train_iterator`, `checkpoints`, `restored_from`
+        clipping, the routed experts' rate scaled by
+        `train.expert_learning_rate_scale`: `tf_moe.optimizers`), `step`, `train_iterator`, `checkpoints`, `restored_from`
         (the checkpoint restored, or None), `trained_tokens` and
         `learning_curve`.
         """
@@ -105,8 +107,11 @@ class TrainingRun(abc.ABC):
             self.schedule = WarmupInverseSqrt(
                 train.learning_rate, train.warmup_steps, train.constant_steps)
             self.optimizer = self.distribution.prepare_optimizer(
-                keras.optimizers.Adam(
-                    self.schedule, global_clipnorm=train.clip_norm or None))
+                optimizers.ExpertAdam(
+                    self.schedule,
+                    weight_scales=optimizers.expert_weight_scales(
+                        train.expert_learning_rate_scale, *self.models),
+                    global_clipnorm=train.clip_norm or None))
             self.optimizer.build(self.trainable_variables)
             self.step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                     name="step")

@@ -125,6 +125,26 @@ def test_scaled_experts_under_replicas():
         np.testing.assert_allclose(change, LEARNING_RATE * scale, atol=1e-6)
 
 
+def test_model_fit_steps_the_experts_at_their_rate(rng):
+    """Through `model.compile` / `fit`: Adam's first step moves each weight
+    by about the rate (|g| / (|g| + eps) for every nonzero gradient), so
+    the largest change of an expert weight is the scaled rate."""
+    model = _model(tf_moe.MoE(4, 16, k=4, name="moe"))
+    experts = optimizers.routed_expert_weights(model)
+    model.compile(optimizer=optimizers.ExpertAdam(
+        LEARNING_RATE,
+        weight_scales=optimizers.expert_weight_scales(0.25, model)),
+        loss="mse")
+    before = {w.path: w.numpy() for w in model.trainable_weights}
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    model.fit(x, rng.normal(size=(32, 4)), batch_size=32, epochs=1,
+              verbose=0)
+    for w in model.trainable_weights:
+        largest = np.abs(w.numpy() - before[w.path]).max()
+        scale = 0.25 if w.path in _names(experts) else 1.0
+        np.testing.assert_allclose(largest, LEARNING_RATE * scale, rtol=0.02)
+
+
 @pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"),
                                    "0.5", "sqrt", True, None])
 def test_bad_scale_is_refused(scale):

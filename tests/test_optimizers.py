@@ -145,6 +145,27 @@ def test_model_fit_steps_the_experts_at_their_rate(rng):
         np.testing.assert_allclose(largest, LEARNING_RATE * scale, rtol=0.02)
 
 
+def test_saved_compiled_model_trains_on_with_its_scales(tmp_path, rng):
+    model = _model(tf_moe.MoE(4, 16, k=2, name="moe"))
+    model.compile(optimizer=optimizers.ExpertAdam(
+        LEARNING_RATE,
+        weight_scales=optimizers.expert_weight_scales(0.25, model)),
+        loss="mse")
+    x = rng.normal(size=(32, 8)).astype(np.float32)
+    y = rng.normal(size=(32, 4)).astype(np.float32)
+    model.fit(x, y, batch_size=32, verbose=0)
+    model.save(tmp_path / "model.keras")
+    loaded = keras.models.load_model(tmp_path / "model.keras")
+    loaded.optimizer.build(loaded.trainable_variables)
+    for weight in loaded.trainable_variables:
+        expected = 0.25 if weight.path.startswith("moe/experts/") else 1.0
+        assert loaded.optimizer.learning_rate_scale(weight) == expected
+    # A path that names no weight is an error when the optimizer is built.
+    optimizer = optimizers.ExpertAdam(weight_scales=[("moe/gone", 0.5)])
+    with pytest.raises(ValueError, match="moe/gone"):
+        optimizer.build(model.trainable_variables)
+
+
 @pytest.mark.parametrize("scale", [0, -1.0, float("nan"), float("inf"),
                                    "0.5", "sqrt", True, None])
 def test_bad_scale_is_refused(scale):

@@ -38,6 +38,7 @@ from tf_moe import allocator
 from tf_moe import dispatch
 from tf_moe import distribution
 from tf_moe import kernels
+from tf_moe import optimizers
 from tf_moe import recurrent
 from tf_moe import sharding
 

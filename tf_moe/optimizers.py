@@ -109,26 +109,42 @@ class ExpertAdam(keras.optimizers.Adam):
     Every weight follows Adam at the schedule's rate, except those in
     `weight_scales`, whose rate is multiplied by their factor. The moments,
     global-norm clipping and checkpoints are those of
-    `keras.optimizers.Adam`.
+    `keras.optimizers.Adam`; the factors are saved in the optimizer's
+    config by weight path, so a compiled model saved to a `.keras` file
+    trains on with them.
 
     Args:
         learning_rate: as for Adam (a float or a schedule).
-        weight_scales: `[(variable, factor)]`, factors finite and > 0,
-            usually `expert_weight_scales(scale, model)` (made before the
-            optimizer is built). Empty: plain Adam.
+        weight_scales: `[(weight, factor)]`, each weight a variable or its
+            `path` (matched when the optimizer is built), each factor
+            finite and > 0; usually `expert_weight_scales(scale, model)`.
+            Empty: plain Adam.
         **kwargs: Adam's other arguments.
     """
 
     def __init__(self, learning_rate=0.001, weight_scales=(), **kwargs):
         super().__init__(learning_rate=learning_rate, **kwargs)
-        self._scales = {}
+        self._path_scales = {}  # {weight path: factor}, for the config.
+        self._scales = {}  # {variable key: factor}, what update_step reads.
         for weight, factor in weight_scales:
+            path = weight if isinstance(weight, str) else weight.path
             if (isinstance(factor, bool) or not isinstance(factor, (int, float))
                     or not math.isfinite(factor) or factor <= 0):
-                raise ValueError(f"`weight_scales`: the factor of "
-                                 f"{weight.path} must be a finite number > 0,"
-                                 f" got {factor!r}.")
-            self._scales[self._var_key(weight)] = float(factor)
+                raise ValueError(f"`weight_scales`: the factor of {path} must "
+                                 f"be a finite number > 0, got {factor!r}.")
+            self._path_scales[path] = float(factor)
+            if not isinstance(weight, str):
+                self._scales[self._var_key(weight)] = float(factor)
+
+    def build(self, variables):
+        super().build(variables)
+        paths = {variable.path: variable for variable in variables}
+        unknown = sorted(set(self._path_scales) - set(paths))
+        if unknown:
+            raise ValueError("`weight_scales` names weights that are not "
+                             f"among the optimizer's variables: {unknown}.")
+        for path, factor in self._path_scales.items():
+            self._scales[self._var_key(paths[path])] = factor
 
     def learning_rate_scale(self, variable):
         """The multiplier of `variable`'s rate (1.0 unless scaled)."""
@@ -139,3 +155,8 @@ class ExpertAdam(keras.optimizers.Adam):
         if scale is not None:
             learning_rate = learning_rate * scale
         super().update_step(gradient, variable, learning_rate)
+
+    def get_config(self):
+        config = super().get_config()
+        config["weight_scales"] = sorted(self._path_scales.items())
+        return config

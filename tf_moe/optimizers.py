@@ -26,12 +26,16 @@ from tf_moe.mixture import MixtureOfExperts
 SCALE_RULES = ("square_root",)
 
 
+def _is_positive_number(value):
+    return (not isinstance(value, bool) and isinstance(value, (int, float))
+            and math.isfinite(value) and value > 0)
+
+
 def check_expert_learning_rate_scale(scale):
     """Raises unless `scale` is a finite number > 0 or one of SCALE_RULES."""
     if scale in SCALE_RULES:
         return
-    if (isinstance(scale, bool) or not isinstance(scale, (int, float))
-            or not math.isfinite(scale) or scale <= 0):
+    if not _is_positive_number(scale):
         raise ValueError("`expert_learning_rate_scale` must be a finite "
                          f"number > 0 or one of {SCALE_RULES}, got "
                          f"{scale!r}.")
@@ -128,8 +132,7 @@ class ExpertAdam(keras.optimizers.Adam):
         self._scales = {}  # {variable key: factor}, what update_step reads.
         for weight, factor in weight_scales:
             path = weight if isinstance(weight, str) else weight.path
-            if (isinstance(factor, bool) or not isinstance(factor, (int, float))
-                    or not math.isfinite(factor) or factor <= 0):
+            if not _is_positive_number(factor):
                 raise ValueError(f"`weight_scales`: the factor of {path} must "
                                  f"be a finite number > 0, got {factor!r}.")
             self._path_scales[path] = float(factor)

@@ -71,9 +71,10 @@ class Window:
 class TrainingRun(abc.ABC):
     """The loop over a run's state. Subclasses set `config` (with `seed`
     and `config.train`: steps, learning_rate, expert_learning_rate_scale,
-    warmup_steps, constant_steps, clip_norm, log_every, checkpoint_every, checkpoints_to_keep,
-    eval_every), `workdir` and `distribution`, call `build_training`, and
-    implement `loss_stats`, `evaluate` and `progress_values`.
+    warmup_steps, constant_steps, clip_norm, log_every, checkpoint_every,
+    checkpoints_to_keep, eval_every), `workdir` and `distribution`, call
+    `build_training`, and implement `loss_stats`, `evaluate` and
+    `progress_values`.
     """
 
     def build_training(self, build_models, train_batches):
@@ -93,9 +94,9 @@ class TrainingRun(abc.ABC):
 
         Sets `models`, `schedule`, `optimizer` (Adam with global norm
         clipping, the routed experts' rate scaled by
-        `train.expert_learning_rate_scale`: `tf_moe.optimizers`), `step`, `train_iterator`, `checkpoints`, `restored_from`
-        (the checkpoint restored, or None), `trained_tokens` and
-        `learning_curve`.
+        `train.expert_learning_rate_scale`: `tf_moe.optimizers`), `step`,
+        `train_iterator`, `checkpoints`, `restored_from` (the checkpoint
+        restored, or None), `trained_tokens` and `learning_curve`.
         """
         train = self.config.train
         if os.path.exists(self._kernel_choices_path):

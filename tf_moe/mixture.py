@@ -401,3 +401,15 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
             seed=self.seed,
         )
         return config
+
+
+def moe_layers(*models):
+    """The tf_moe MoE layers (`MoE`, `HierarchicalMoE`) in Keras models or
+    layers, at any depth, each once, in the order Keras walks them."""
+    layers = []
+    for model in models:
+        for layer in [model] + list(model._flatten_layers(include_self=False)):
+            if isinstance(layer, MixtureOfExperts) and not any(
+                    layer is seen for seen in layers):
+                layers.append(layer)
+    return layers

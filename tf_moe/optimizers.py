@@ -21,7 +21,8 @@ import math
 
 import keras
 
-from tf_moe.mixture import MixtureOfExperts
+from tf_moe.arguments import check_positive_int
+from tf_moe.mixture import moe_layers
 
 SCALE_RULES = ("square_root",)
 
@@ -39,18 +40,6 @@ def check_expert_learning_rate_scale(scale):
         raise ValueError("`expert_learning_rate_scale` must be a finite "
                          f"number > 0 or one of {SCALE_RULES}, got "
                          f"{scale!r}.")
-
-
-def moe_layers(*models):
-    """The tf_moe MoE layers (`MoE`, `HierarchicalMoE`) in Keras models or
-    layers, at any depth, each once."""
-    layers = []
-    for model in models:
-        for layer in [model] + list(model._flatten_layers(include_self=False)):
-            if isinstance(layer, MixtureOfExperts) and not any(
-                    layer is seen for seen in layers):
-                layers.append(layer)
-    return layers
 
 
 def routed_expert_weights(*models):
@@ -74,10 +63,8 @@ def square_root_scale(num_selected, num_experts):
     """sqrt(k / E): an expert sees k / E of the tokens on average, and the
     square-root rule scales Adam's rate with the square root of the batch.
     """
-    for name, value in (("num_selected", num_selected),
-                        ("num_experts", num_experts)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"`{name}` must be an int >= 1, got {value!r}.")
+    check_positive_int("num_selected", num_selected)
+    check_positive_int("num_experts", num_experts)
     if num_selected > num_experts:
         raise ValueError(f"`num_selected` ({num_selected}) must be at most "
                          f"`num_experts` ({num_experts}).")

@@ -34,14 +34,9 @@ from trainers.common.schedule import WarmupInverseSqrt
 from tf_moe import kernels
 from tf_moe import optimizers
 from tf_moe import sharding
+from tf_moe.mixture import moe_layers
 
 KERNEL_CHOICES_FILE = "kernel_choices.json"
-
-
-def moe_layers(model):
-    """The tf_moe layers of a Keras model (they keep routing metrics)."""
-    return [layer for layer in model._flatten_layers(include_self=False)
-            if hasattr(layer, "routing_metrics")]
 
 
 class Window:

@@ -62,6 +62,7 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 import curves  # noqa: E402
+from flag_values import number_or_name  # noqa: E402
 import kernel_choices  # noqa: E402
 from configs.lm import table7  # noqa: E402
 from configs.lm import transformer  # noqa: E402
@@ -239,21 +240,13 @@ def plot(rows, path):
     figure.savefig(path, dpi=120)
 
 
-def _number_or_name(value):
-    """A flag's value as a float if it reads as one (else the string)."""
-    try:
-        return float(value)
-    except ValueError:
-        return value
-
-
 def family_rows(root, family):
     """One row per model of `family` (or of --models) and learning rate, in
     order."""
     rows = []
     vocabulary = None
     rates = [float(rate) for rate in _LEARNING_RATES.value] or [None]
-    scales = [_number_or_name(scale) for scale in
+    scales = [number_or_name(scale) for scale in
               _EXPERT_LEARNING_RATE_SCALES.value] or [None]
     overrides = parse_model_overrides(_MODEL_OVERRIDES.value)
     suffix = "".join(f" {item}" for item in _MODEL_OVERRIDES.value)

@@ -4,6 +4,7 @@ token budget and seed.
 
     python bench/bench_nmt.py --output=bench/results/nmt.json \
         [--steps=1500] [--models=gnmt,moe-32,moe-512-h] [--vocabulary=PATH]
+        [--learning_rate=3e-3] [--expert_learning_rate_scale=square_root]
 
 Trains each `configs/nmt/paper.py:<model>,cpu` config on the embedded
 English -> Spanish verses (one shared vocabulary), then prints a markdown
@@ -33,6 +34,7 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 import curves  # noqa: E402
+from flag_values import number_or_name  # noqa: E402
 import kernel_choices  # noqa: E402
 from configs.nmt import paper  # noqa: E402
 from trainers.common import text  # noqa: E402
@@ -54,6 +56,13 @@ _VOCABULARY = flags.DEFINE_string(
 _EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", 0, "Evaluate valid every this many steps too, for the "
     "learning curves (0: at the end only).")
+_LEARNING_RATE = flags.DEFINE_float(
+    "learning_rate", 0.0, "Peak learning rate of every model trained (0: the "
+    "config's, 3e-3).")
+_EXPERT_LEARNING_RATE_SCALE = flags.DEFINE_string(
+    "expert_learning_rate_scale", "", "Multiplier of the routed experts' rate "
+    "for every MoE model trained (config.train.expert_learning_rate_scale; "
+    "tf_moe.optimizers): a number or square_root ('': the config's, 1).")
 _OUTPUT = flags.DEFINE_string("output", "", "JSON results.")
 _CURVES = flags.DEFINE_string(
     "curves", "", "PNG plot of valid BLEU and perplexity against training "
@@ -70,6 +79,11 @@ def train_one(name, workdir, vocabulary):
         config.train.steps = _STEPS.value
     if _BLEU_SENTENCES.value:  # The config's 0 is every pair.
         config.decode.bleu_sentences = max(_BLEU_SENTENCES.value, 0)
+    if _LEARNING_RATE.value:
+        config.train.learning_rate = _LEARNING_RATE.value
+    if _EXPERT_LEARNING_RATE_SCALE.value:
+        config.train.expert_learning_rate_scale = number_or_name(
+            _EXPERT_LEARNING_RATE_SCALE.value)
     config.train.eval_every = _EVAL_EVERY.value
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
@@ -80,7 +94,10 @@ def train_one(name, workdir, vocabulary):
     result = run.train()  # Ends with the valid evaluation.
     seconds = time.perf_counter() - start
     return dict(
-        model=name, parameters=run.num_parameters,
+        model=name, label=row_label(name, config.train),
+        learning_rate=config.train.learning_rate,
+        expert_learning_rate_scale=config.train.expert_learning_rate_scale,
+        parameters=run.num_parameters,
         ops_per_timestep=run.ops_per_timestep, valid_bleu=result["bleu"],
         bleu_sentences=result["bleu_sentences"],
         valid_perplexity=result["perplexity"], steps=config.train.steps,
@@ -93,6 +110,16 @@ def train_one(name, workdir, vocabulary):
                              valid_bleu=point["bleu"],
                              valid_perplexity=point["perplexity"])
                         for point in run.learning_curve])
+
+
+def row_label(name, train):
+    """The model's name, and the rates where they are not the config's."""
+    label = name
+    if _LEARNING_RATE.value:
+        label += f" lr={train.learning_rate:g}"
+    if _EXPERT_LEARNING_RATE_SCALE.value:
+        label += f" expert_lr_scale={_EXPERT_LEARNING_RATE_SCALE.value}"
+    return label
 
 
 def main(argv):
@@ -115,7 +142,7 @@ def main(argv):
           "| tokens/s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['model']} | {r['parameters']:,} | "
+        print(f"| {r.get('label', r['model'])} | {r['parameters']:,} | "
               f"{r['ops_per_timestep']:,} | {r['valid_bleu']:.2f} | "
               f"{r['valid_perplexity']:.2f} | {r['tokens_per_second']:,.0f} |")
     if _OUTPUT.value:

@@ -236,3 +236,15 @@ def test_translation_benchmark_joins_rows_of_earlier_runs(tmp_path):
     assert [r["model"] for r in joined["rows"]] == ["moe-32", "gnmt"]
     assert joined["rows_from"] == [str(path) for path in earlier]
     assert curves.stat().st_size > 0
+
+
+def test_translation_benchmark_sets_the_rates_and_labels_the_rows(tmp_path):
+    output = tmp_path / "nmt.json"
+    stdout = _run_bench("bench_nmt.py", "--models=moe-32", "--steps=1",
+                        "--bleu_sentences=1", "--learning_rate=1e-3",
+                        "--expert_learning_rate_scale=square_root",
+                        f"--output={output}")
+    assert "| moe-32 lr=0.001 expert_lr_scale=square_root |" in stdout
+    (row,) = json.loads(output.read_text())["rows"]
+    assert row["learning_rate"] == 1e-3
+    assert row["expert_learning_rate_scale"] == "square_root"

@@ -13,6 +13,9 @@ training tokens/s. The plot shows perplexity against the number of experts
 (baselines as horizontal lines). With `--eval_every=N --curves=PATH.png`,
 each model is evaluated every N steps too, and the curves plot valid
 perplexity against training tokens (JSON: each row's `learning_curve`).
+`--eval_train_sentences=N` adds, at each evaluation, the perplexity of the
+first N training sentences in inference mode, and a second panel of valid
+over it: how much each model has memorised of the text it trained on.
 
 Table 6, the balancing losses' weights on MoE-256 (CPU scale):
 
@@ -82,6 +85,10 @@ _STEPS = flags.DEFINE_integer("steps", 0,
 _EVAL_EVERY = flags.DEFINE_integer(
     "eval_every", 0, "Evaluate valid every this many steps too, for the "
     "learning curves (0: at the end only).")
+_EVAL_TRAIN_SENTENCES = flags.DEFINE_integer(
+    "eval_train_sentences", 0, "At each evaluation, also the perplexity of "
+    "the first N training sentences in inference mode (curves: valid over "
+    "it, how much a model memorises; 0: not measured).")
 _LEARNING_RATES = flags.DEFINE_list(
     "learning_rates", [], "Peak learning rates: each model trains once at "
     "each (default: the config's, 3e-3 at CPU scale). Rows are labelled "
@@ -161,6 +168,7 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
     if expert_learning_rate_scale is not None:
         config.train.expert_learning_rate_scale = expert_learning_rate_scale
     config.train.eval_every = _EVAL_EVERY.value
+    config.train.eval_train_sentences = _EVAL_TRAIN_SENTENCES.value
     if _CORPORA.value:
         config.data.corpora = tuple(_CORPORA.value)
     if _TOKENS_PER_BATCH.value:
@@ -194,19 +202,36 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
         model_overrides={key: config.model[key] for key in model_overrides},
         routing=result["routing"],
         train_routing=run.train_routing,
-        learning_curve=[dict(step=point["step"],
-                             trained_tokens=point["trained_tokens"],
-                             valid_perplexity_per_word=point[
-                                 "perplexity_per_word"])
-                        for point in run.learning_curve])
+        learning_curve=[_curve_point(point) for point in run.learning_curve])
+
+
+def _curve_point(evaluation):
+    """A learning curve's point in the JSON, from one of `train()`'s
+    evaluations of valid."""
+    point = dict(step=evaluation["step"],
+                 trained_tokens=evaluation["trained_tokens"],
+                 valid_perplexity_per_word=evaluation["perplexity_per_word"])
+    if "train_sample_perplexity_per_word" in evaluation:
+        point["train_sample_perplexity_per_word"] = evaluation[
+            "train_sample_perplexity_per_word"]
+        point["valid_over_train_sample"] = (
+            evaluation["perplexity_per_word"]
+            / evaluation["train_sample_perplexity_per_word"])
+    return point
 
 
 def plot_curves(rows, path):
-    """Valid perplexity per word against training tokens, a line a model."""
+    """Valid perplexity per word against training tokens, a line a model,
+    and beside it valid over the training sample's perplexity for the rows
+    that measured it (--eval_train_sentences)."""
+    panels = [("valid_perplexity_per_word", "valid perplexity per word", True)]
+    if any("valid_over_train_sample" in point
+           for row in rows for point in row["learning_curve"]):
+        panels.append(("valid_over_train_sample",
+                       "valid / training sample perplexity", False))
     curves.plot_learning_curves(
-        rows, path, [("valid_perplexity_per_word", "valid perplexity per word",
-                      True)],
-        "Learning curves (matched ops/timestep)", lambda m: m in _EXPERTS)
+        rows, path, panels, "Learning curves (matched ops/timestep)",
+        lambda m: m in _EXPERTS)
 
 
 def plot(rows, path):

@@ -2,7 +2,8 @@
 
 Each row is one model's result: `row["model"]` (the line's name, unless the
 row has a `label`) and `row["learning_curve"]`, a list of evaluations, each
-with `trained_tokens` and the plotted metrics.
+with `trained_tokens` and the plotted metrics (a panel leaves out the points
+that lack its metric).
 """
 
 
@@ -24,7 +25,10 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
                                 figsize=(6 * len(panels), 4))
     for axis, (metric, label, log_scale) in zip(axes[0], panels):
         for row in rows:
-            curve = row["learning_curve"]
+            curve = [point for point in row["learning_curve"]
+                     if metric in point]  # Older rows lack newer metrics.
+            if not curve:
+                continue
             axis.plot([point["trained_tokens"] / 1e6 for point in curve],
                       [point[metric] for point in curve],
                       "o-" if is_moe(row["model"]) else "s:",

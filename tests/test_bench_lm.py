@@ -22,6 +22,7 @@ def test_lm_benchmark_rows_curves_and_redraw(tmp_path):
     output, curves = tmp_path / "lm.json", tmp_path / "curves.png"
     stdout = _run("--models=moe-4", "--steps=4", "--eval_every=2",
                   "--learning_rates=2e-3", "--corpora=austen,web",
+                  "--eval_train_sentences=20",
                   f"--output={output}", f"--curves={curves}")
     assert "| moe-4 lr=0.002 |" in stdout
     (row,) = json.loads(output.read_text())["rows"]
@@ -31,6 +32,10 @@ def test_lm_benchmark_rows_curves_and_redraw(tmp_path):
     assert [p["step"] for p in row["learning_curve"]] == [2, 4]
     tokens = [p["trained_tokens"] for p in row["learning_curve"]]
     assert 0 < tokens[0] < tokens[1]
+    for point in row["learning_curve"]:  # --eval_train_sentences
+        assert point["valid_over_train_sample"] == (
+            point["valid_perplexity_per_word"]
+            / point["train_sample_perplexity_per_word"])
     # Training's routing (the last report window, noise on) is recorded for
     # the same layers as valid's.
     assert row["train_routing"].keys() == row["routing"].keys()

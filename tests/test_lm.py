@@ -190,11 +190,42 @@ def test_training_lowers_perplexity_and_reports_it(text_splits, tmp_path,
     assert 0 < curve[0]["trained_tokens"] < curve[1]["trained_tokens"]
     assert curve[1]["trained_tokens"] == run.trained_tokens
     assert curve[1]["perplexity_per_word"] == after
+    assert "train_sample_perplexity_per_word" not in curve[1]  # Off by default.
     out = capsys.readouterr().out
     assert "step 30/30 | loss" in out and "tok/s | ETA" in out
     losses = _losses(str(tmp_path))
     assert sorted(losses) == list(range(1, 31))
     assert os.listdir(os.path.join(tmp_path, "train"))  # TensorBoard events.
+
+
+def test_learning_curve_measures_a_sample_of_the_training_text(text_splits,
+                                                               tmp_path):
+    config = lm_fixtures.small_config(text_splits)
+    config.train.steps = 4
+    config.train.eval_every = 2
+    config.train.eval_train_sentences = 3
+    run = LanguageModelRun(config, str(tmp_path), Distribution())
+    run.train()
+    curve = run.learning_curve
+    assert [point["step"] for point in curve] == [2, 4]
+    # Each point's sample is the first 3 training sentences in inference
+    # mode, as `evaluate` measures them, and only those.
+    sample = run.evaluate("train", max_sentences=3)
+    assert curve[1]["train_sample_perplexity_per_word"] == pytest.approx(
+        sample["perplexity_per_word"], rel=1e-6)
+    assert curve[0]["train_sample_perplexity_per_word"] != pytest.approx(
+        sample["perplexity_per_word"], rel=1e-6)  # Measured at step 2.
+    assert 0 < sample["words"] < run.evaluate(
+        "train", max_sentences=6)["words"]
+
+
+def test_eval_train_sentences_must_not_be_negative(text_splits, tmp_path):
+    # (The config's type check rejects a non-int.)
+    config = lm_fixtures.small_config(text_splits)
+    config.train.eval_train_sentences = -1
+    with pytest.raises(ValueError, match="config.train.eval_train_sentences "
+                                         "must be >= 0, got -1"):
+        LanguageModelRun(config, str(tmp_path), Distribution())
 
 
 def test_killed_run_resumes_with_the_uninterrupted_losses(text_splits,

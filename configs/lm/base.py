@@ -74,6 +74,9 @@ def base_config():
     train.checkpoint_every = 500
     train.checkpoints_to_keep = 3
     train.eval_every = 0  # 0: evaluate at the end only.
+    # > 0: each evaluation also measures the first this many training
+    # sentences (the learning curve's train_sample_perplexity_per_word).
+    train.eval_train_sentences = 0
 
     config.sample = sample = ml_collections.ConfigDict()
     sample.max_tokens = 30

@@ -203,10 +203,16 @@ class TrainingRun(abc.ABC):
     def _kernel_choices_path(self):
         return os.path.join(self.workdir, KERNEL_CHOICES_FILE)
 
+    def curve_extras(self):
+        """`{name: value}` measured beside valid at each point of the
+        learning curve; none unless a trainer adds some."""
+        return {}
+
     def _evaluate_valid(self, writer):
         result = self.evaluate("valid", writer=writer)
         self.learning_curve.append(
-            dict(result, trained_tokens=self.trained_tokens))
+            dict(result, trained_tokens=self.trained_tokens,
+                 **self.curve_extras()))
         return result
 
     def _report(self, step, window, progress, writer):

@@ -156,10 +156,14 @@ def train_batches(data, tokenizer, seed, multiple=1):
     return batching.checkpointable(ds.prefetch(2))
 
 
-def eval_batches(data, tokenizer, split, multiple=1):
-    """`(batches, too_long)`: one pass over `split` in order, and a scalar
-    tensor counting its sentences longer than `max_len` (left out)."""
-    ds = tokenized(sentences(data, split), tokenizer)
+def eval_batches(data, tokenizer, split, multiple=1, max_sentences=None):
+    """`(batches, too_long)`: one pass over `split` in order (its first
+    `max_sentences` only, if given), and a scalar tensor counting its
+    sentences longer than `max_len` (left out)."""
+    ds = sentences(data, split)
+    if max_sentences is not None:
+        ds = ds.take(max_sentences)
+    ds = tokenized(ds, tokenizer)
     too_long = ds.reduce(tf.constant(0, tf.int64), lambda n, s: n + tf.cast(
         tf.size(s["pieces"]) > data.max_len, tf.int64))
     ds = token_batches(ds.filter(fits(data.max_len)).map(to_example),

@@ -34,6 +34,9 @@ class LanguageModelRun(loop.TrainingRun):
         self.distribution = distribution
         data_lib.check_data_config(config.data)
         model_lib.check_model_config(config.model)
+        if config.train.eval_train_sentences < 0:
+            raise ValueError(f"config.train.eval_train_sentences must be >= "
+                             f"0, got {config.train.eval_train_sentences}.")
         if distribution.placement is not None and config.model.num_sampled:
             raise ValueError(
                 "config.model.num_sampled must be 0 on a DTensor mesh: the "
@@ -112,11 +115,12 @@ class LanguageModelRun(loop.TrainingRun):
     def progress_values(self, window):
         return {"ppl_word": loop.perplexity(window["nll"], window["words"])}
 
-    def evaluate(self, split="valid", writer=None):
-        """Per-word and per-token perplexity of `split` (inference mode)."""
+    def evaluate(self, split="valid", writer=None, max_sentences=None):
+        """Per-word and per-token perplexity of `split` (inference mode), or
+        of its first `max_sentences` sentences."""
         batches, too_long = data_lib.eval_batches(
             self.config.data, self.tokenizer, split,
-            self.distribution.num_replicas)
+            self.distribution.num_replicas, max_sentences)
         if self._eval_fn is None:
             self._eval_fn = self.distribution.compile_eval(self._eval_stats)
         eval_fn = self._eval_fn
@@ -156,6 +160,18 @@ class LanguageModelRun(loop.TrainingRun):
                     for name, value in metrics.items():
                         tf.summary.scalar(f"{split}/{layer}/{name}", value)
         return result
+
+    def curve_extras(self):
+        """With `config.train.eval_train_sentences` = N > 0, the perplexity
+        per word of the first N training sentences in inference mode (seen
+        in training once a pass is done): against valid's, how much the
+        model has memorised rather than learned."""
+        count = self.config.train.eval_train_sentences
+        if not count:
+            return {}
+        result = self.evaluate("train", max_sentences=count)
+        return {"train_sample_perplexity_per_word":
+                result["perplexity_per_word"]}
 
     def _eval_stats(self, batch):
         nll_sum, stats = self.loss_stats(batch, training=False)

@@ -158,8 +158,8 @@ def train_batches(data, tokenizer, seed, multiple=1):
 
 def eval_batches(data, tokenizer, split, multiple=1, max_sentences=None):
     """`(batches, too_long)`: one pass over `split` in order (its first
-    `max_sentences` only, if given), and a scalar tensor counting its
-    sentences longer than `max_len` (left out)."""
+    `max_sentences` only, if given), and the number of its sentences
+    longer than `max_len` (left out)."""
     ds = sentences(data, split)
     if max_sentences is not None:
         ds = ds.take(max_sentences)

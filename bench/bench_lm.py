@@ -44,7 +44,6 @@ experts and a hierarchical MoE, all at matched ops/timestep), same columns:
         --output=bench/results/lm_transformer.json [--every_other]
 """
 
-import ast
 import itertools
 import json
 import os
@@ -65,7 +64,8 @@ console.quiet_tensorflow(sys.argv)  # Before TensorFlow is imported.
 import keras  # noqa: E402
 
 import curves  # noqa: E402
-from flag_values import number_or_name  # noqa: E402
+from flag_values import number_or_name, override_model  # noqa: E402
+from flag_values import parse_model_overrides  # noqa: E402
 import kernel_choices  # noqa: E402
 from configs.lm import table7  # noqa: E402
 from configs.lm import transformer  # noqa: E402
@@ -140,22 +140,6 @@ def _experts(model):
     return model.num_experts if "moe" in model.blocks else 1
 
 
-def parse_model_overrides(items):
-    """`["key=value", ...]` as `{key: value}`, each value a Python literal
-    (a bare word is taken as a string)."""
-    overrides = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--model_override expects key=value, got "
-                             f"{item!r}.")
-        try:
-            overrides[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            overrides[key] = value
-    return overrides
-
-
 def train_one(name, steps, workdir, vocabulary, learning_rate=None,
               expert_learning_rate_scale=None, label=None,
               **model_overrides):
@@ -173,12 +157,7 @@ def train_one(name, steps, workdir, vocabulary, learning_rate=None,
         config.data.corpora = tuple(_CORPORA.value)
     if _TOKENS_PER_BATCH.value:
         config.data.tokens_per_batch = _TOKENS_PER_BATCH.value
-    unknown = sorted(set(model_overrides) - set(config.model))
-    if unknown:
-        raise ValueError(f"--model_override: {name}'s config.model has no "
-                         f"field {', '.join(unknown)}.")
-    for key, value in model_overrides.items():
-        config.model[key] = value
+    override_model(name, config.model, model_overrides)
     os.makedirs(workdir, exist_ok=True)
     if vocabulary:  # One text model for all: learned once, copied.
         shutil.copy(vocabulary, os.path.join(workdir, text.MODEL_FILE))

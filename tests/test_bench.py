@@ -240,11 +240,30 @@ def test_translation_benchmark_joins_rows_of_earlier_runs(tmp_path):
 
 def test_translation_benchmark_sets_the_rates_and_labels_the_rows(tmp_path):
     output = tmp_path / "nmt.json"
+    curves = tmp_path / "curves.png"
     stdout = _run_bench("bench_nmt.py", "--models=moe-32", "--steps=1",
                         "--bleu_sentences=1", "--learning_rate=1e-3",
                         "--expert_learning_rate_scale=square_root",
-                        f"--output={output}")
-    assert "| moe-32 lr=0.001 expert_lr_scale=square_root |" in stdout
+                        "--model_override=dropout=0.4",
+                        "--eval_train_pairs=3", f"--output={output}",
+                        f"--curves={curves}")
+    assert ("| moe-32 lr=0.001 expert_lr_scale=square_root dropout=0.4 |"
+            in stdout)
     (row,) = json.loads(output.read_text())["rows"]
     assert row["learning_rate"] == 1e-3
     assert row["expert_learning_rate_scale"] == "square_root"
+    assert row["model_overrides"] == {"dropout": 0.4}
+    (point,) = row["learning_curve"]  # The closing evaluation.
+    assert point["valid_over_train_sample"] == (
+        point["valid_perplexity"] / point["train_sample_perplexity"])
+    assert curves.stat().st_size > 0
+
+
+def test_translation_benchmark_rejects_unknown_override(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(os.path.dirname(_BENCH),
+                                      "bench_nmt.py"), "--models=gnmt",
+         "--steps=1", "--model_override=experts_count=8"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode != 0
+    assert "gnmt's config.model has no field experts_count" in result.stderr

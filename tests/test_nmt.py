@@ -342,6 +342,42 @@ def test_training_lowers_perplexity_and_reports_bleu(pair_files, tmp_path,
     assert isinstance(translation[0], str)
 
 
+def test_learning_curve_measures_a_sample_of_the_training_pairs(
+        pair_files, tmp_path):
+    config = small_config(pair_files)
+    config.train.steps = 4
+    config.train.eval_every = 2
+    config.train.eval_train_pairs = 5
+    config.decode.bleu_sentences = 2
+    run = TranslationRun(config, str(tmp_path / "work"), Distribution("none"))
+    run.train()
+    curve = run.learning_curve
+    assert [point["step"] for point in curve] == [2, 4]
+    # Each point's sample is the first 5 training pairs in inference mode,
+    # measured as valid is: the same 5 pairs as the valid split give the
+    # same perplexity.
+    for side in ("source", "target"):
+        with open(pair_files["train", side]) as f:
+            first = [next(f) for _ in range(5)]
+        path = tmp_path / f"first.{side}"
+        path.write_text("".join(first))
+        run.config.data[f"valid_{side}_path"] = str(path)
+    sample = run.evaluate("valid")
+    assert sample["tokens"] > 5
+    assert curve[1]["train_sample_perplexity"] == pytest.approx(
+        sample["perplexity"], rel=1e-5)
+    assert curve[0]["train_sample_perplexity"] != pytest.approx(
+        sample["perplexity"], rel=1e-5)  # Measured at step 2.
+
+
+def test_eval_train_pairs_must_not_be_negative(pair_files, tmp_path):
+    config = small_config(pair_files)
+    config.train.eval_train_pairs = -1
+    with pytest.raises(ValueError, match="config.train.eval_train_pairs "
+                                         "must be >= 0, got -1"):
+        TranslationRun(config, str(tmp_path), Distribution("none"))
+
+
 def test_export_translates_raw_text_without_tf_moe(pair_files, tmp_path):
     config = small_config(pair_files)
     run = TranslationRun(config, str(tmp_path / "work"), Distribution("none"))

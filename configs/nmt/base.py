@@ -75,6 +75,9 @@ def base_config():
     train.checkpoint_every = 1000
     train.checkpoints_to_keep = 3
     train.eval_every = 0  # 0: evaluate at the end only.
+    # > 0: each evaluation also measures the first this many usable training
+    # pairs (the learning curve's train_sample_perplexity, per token).
+    train.eval_train_pairs = 0
 
     config.decode = decode = ml_collections.ConfigDict()
     decode.beam_size = 4  # 1: greedy decoding.

@@ -38,6 +38,9 @@ class TranslationRun(loop.TrainingRun):
         if config.decode.beam_size < 1:
             raise ValueError(f"config.decode.beam_size must be >= 1, got "
                              f"{config.decode.beam_size}.")
+        if config.train.eval_train_pairs < 0:
+            raise ValueError(f"config.train.eval_train_pairs must be >= 0, "
+                             f"got {config.train.eval_train_pairs}.")
         checkpoints_lib.check_workdir(workdir, dict(
             model=config.model.to_dict(), vocab_size=config.data.vocab_size,
             source=config.data.source, pairs=list(config.data.pairs)))
@@ -127,16 +130,7 @@ class TranslationRun(loop.TrainingRun):
                 f"the {split} split has no pair with both sides non-empty "
                 f"and at most config.data.max_len="
                 f"{self.config.data.max_len} pieces.")
-        if self._eval_fn is None:
-            self._eval_fn = self.distribution.compile_eval(self._eval_stats)
-        nll = tokens = 0.0
-        for batch in data_lib.eval_batches(pairs, self.config.data,
-                                           self.first_tag_id,
-                                           self.distribution.num_replicas):
-            stats = self._eval_fn({key: value.numpy()
-                                   for key, value in batch.items()})
-            nll += float(stats["nll"])
-            tokens += float(stats["tokens"])
+        nll, tokens = self._nll_and_tokens(pairs)
         limit = self.config.decode.bleu_sentences
         if limit:
             pairs = pairs.take(limit)
@@ -166,6 +160,36 @@ class TranslationRun(loop.TrainingRun):
                 tf.summary.scalar(f"{split}/bleu", result["bleu"])
                 tf.summary.scalar(f"{split}/perplexity", result["perplexity"])
         return result
+
+    def curve_extras(self):
+        """With `config.train.eval_train_pairs` = N > 0, the per-token
+        perplexity of the first N usable training pairs in inference mode
+        (seen in training once a pass is done): against valid's, how much
+        the model has memorised rather than learned."""
+        count = self.config.train.eval_train_pairs
+        if not count:
+            return {}
+        pairs = data_lib.tokenized(
+            data_lib.sentence_pairs(self.config.data, "train"),
+            self.tokenizer).filter(data_lib.usable(self.config.data.max_len))
+        nll, tokens = self._nll_and_tokens(pairs.take(count))
+        return {"train_sample_perplexity": float(np.exp(nll / tokens))}
+
+    def _nll_and_tokens(self, pairs):
+        """Summed negative log-likelihood of the target tokens of `pairs`
+        (usable tokenized pairs, as `eval_pairs` gives) in inference mode,
+        and their count."""
+        if self._eval_fn is None:
+            self._eval_fn = self.distribution.compile_eval(self._eval_stats)
+        nll = tokens = 0.0
+        for batch in data_lib.eval_batches(pairs, self.config.data,
+                                           self.first_tag_id,
+                                           self.distribution.num_replicas):
+            stats = self._eval_fn({key: value.numpy()
+                                   for key, value in batch.items()})
+            nll += float(stats["nll"])
+            tokens += float(stats["tokens"])
+        return nll, tokens
 
     def _eval_stats(self, batch):
         nll_sum, stats = self.loss_stats(batch, training=False)

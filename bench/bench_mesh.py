@@ -13,6 +13,12 @@ this machine's cores, so this measures what sharding costs, not a speed-up.
 Per-device bytes are those of device 0's shards (parameters, and the Adam
 slots).
 
+`--kernels` sets the experts' kernel mode (`tf_moe.kernels.set_mode`) for
+every row: "auto" lets the no-mesh layer choose the packed layout, which a
+mesh (static buffer shapes) cannot run; "tensorflow" runs the padded
+layout on TensorFlow's kernels everywhere, so the rows differ only by the
+mesh. The JSON records what "auto" chose (`kernel_measurements`).
+
     python bench/bench_mesh.py [--output=bench/results/mesh.json]
     python bench/bench_mesh.py --layer=hmoe \
         --output=bench/results/mesh_hierarchical.json
@@ -136,8 +142,12 @@ def main():
     parser.add_argument("--devices", default="1,2,4,8")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--kernels", default="auto",
+                        choices=tf_moe.kernels.MODES,
+                        help="the experts' kernel mode for every row")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
+    tf_moe.kernels.set_mode(args.kernels)
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(args.batch, args.model_dim)).astype("float32")
@@ -151,7 +161,7 @@ def main():
              f"HierarchicalMoE {args.groups} groups,")
     print(f"{layer} E={args.experts}, d={args.model_dim}, h={args.hidden}, "
           f"k={args.k}{' per level' if args.layer == 'hmoe' else ''}, "
-          f"global batch {args.batch} tokens")
+          f"global batch {args.batch} tokens, {args.kernels} kernels")
     print(f"{'devices':>12} {'step s':>8} {'x 1 dev':>8} "
           f"{'grad s':>8} {'x 1 dev':>8} "
           f"{'param MB/dev':>13} {'Adam MB/dev':>12}")
@@ -167,7 +177,9 @@ def main():
               f"{row['optimizer_bytes'] / 2**20:12.2f}")
     if args.output:
         with open(args.output, "w") as f:
-            json.dump(dict(config=vars(args), rows=rows), f, indent=2)
+            json.dump(dict(config=vars(args), rows=rows,
+                           kernel_measurements=tf_moe.kernels.measurements()),
+                      f, indent=2)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,27 @@ def test_hierarchical_benchmark_writes_table_and_json(tmp_path):
         large["parameters"] * 16 / report["stream_bandwidth_bytes_per_second"])
 
 
+def test_mesh_benchmark_writes_table_and_json(tmp_path):
+    output = tmp_path / "mesh.json"
+    stdout = _run_bench("bench_mesh.py", "--experts=4", "--model_dim=8",
+                        "--hidden=4", "--batch=16", "--devices=1,2",
+                        "--steps=1", "--warmup=1", "--kernels=tensorflow",
+                        f"--output={output}")
+    assert "tensorflow kernels" in stdout
+    report = json.loads(output.read_text())
+    assert report["config"]["kernels"] == "tensorflow"
+    assert report["kernel_measurements"] == []  # a forced mode times nothing
+    no_mesh, one, two = report["rows"]
+    assert [row["devices"] for row in report["rows"]] == [
+        "1 (no mesh)", "1", "2"]
+    assert no_mesh["ratio_to_single_device"] == 1.0
+    for row in (one, two):
+        assert row["step_seconds"] > 0 and row["gradient_seconds"] > 0
+    # Two devices hold half the experts each: fewer bytes per device.
+    assert two["parameter_bytes"] < one["parameter_bytes"]
+    assert one["parameter_bytes"] == no_mesh["parameter_bytes"]
+
+
 def test_noise_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "noise.json"
     stdout = _run_bench("bench_noise.py", "--sizes=1000,2001", "--rounds=2",

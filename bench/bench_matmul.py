@@ -13,7 +13,14 @@ Times, for E experts of `[C, d] x [d, h]` (one shard, float32):
 - the same products as `tf.einsum` (what several shards, a mesh, run);
 - the overflow experts' weight gradient (`tf_moe/matmul.py`, E/2 experts)
   added into the main one in place (`InplaceAdd`, what tf_moe runs) and by
-  `tensor_scatter_nd_add` (which copies all of `[E, d, h]` first).
+  `tensor_scatter_nd_add` (which copies all of `[E, d, h]` first);
+- up to `PER_EXPERT_MAX_EXPERTS`, the packed layout's whole expert FFN
+  (forward and the gradients of its input and every weight, one MatMul pair
+  per expert) with the weights held as tf_moe holds them, `[E, d, h]` read
+  whole and unstacked, whose gradient stacks the E per-expert gradients
+  into one tensor (a copy of every weight's size), and as a per-expert
+  dispatcher holds them, E variables of `[d, h]` each, whose gradients
+  stay apart.
 
 Each figure is the median of 5 calls after a warm-up, of a function that
 returns the product's sum (no copy of the result). Prints a markdown table
@@ -90,7 +97,70 @@ def product_timings(experts, rows, model_dim, hidden_size):
     seconds["overflow weight gradient, tensor_scatter_nd_add"] = \
         _median_seconds(_summed(lambda m, v: tf.tensor_scatter_nd_add(
             m * 1.0, overflow[:, None], v)), main, update)
+    if experts <= kernels.PER_EXPERT_MAX_EXPERTS:
+        seconds.update(packed_ffn_timings(experts, rows, model_dim,
+                                          hidden_size))
     return seconds
+
+
+def packed_ffn_steps(experts, rows, model_dim, hidden_size):
+    """`({row name: step}, x)`: the packed experts' FFN step, forward and
+    the sum of every gradient (of `x` and each weight), with the weights
+    stacked and separate (the module docstring), the same values in both."""
+    rng = np.random.default_rng(0)
+
+    def variable(*shape):
+        return tf.Variable(rng.standard_normal(shape, np.float32) * 0.02)
+
+    stacked = [variable(experts, model_dim, hidden_size),
+               variable(experts, hidden_size),
+               variable(experts, hidden_size, model_dim),
+               variable(experts, model_dim)]
+    separate = [[tf.Variable(w[e]) for e in range(experts)]
+                for w in stacked]
+    x = tf.constant(rng.standard_normal((experts * rows, model_dim),
+                                        np.float32))
+
+    def ffn_step(read_weights, variables):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                outputs = []
+                for part, w_in, b_in, w_out, b_out in zip(
+                        tf.split(x, experts), *read_weights()):
+                    hidden = tf.nn.relu(tf.matmul(part, w_in) + b_in)
+                    outputs.append(tf.matmul(hidden, w_out) + b_out)
+                loss = tf.reduce_sum(tf.concat(outputs, 0))
+            return tf.add_n([tf.reduce_sum(g) for g in tape.gradient(
+                loss, [x] + variables)])
+        return step
+
+    steps = {
+        "packed FFN step, weights [E, d, h] (gradients stacked)": ffn_step(
+            lambda: [tf.unstack(tf.convert_to_tensor(w)) for w in stacked],
+            stacked),
+        "packed FFN step, E weights of [d, h] (gradients apart)": ffn_step(
+            lambda: [[tf.convert_to_tensor(w) for w in ws]
+                     for ws in separate],
+            [w for ws in separate for w in ws]),
+    }
+    return steps, x
+
+
+def packed_ffn_timings(experts, rows, model_dim, hidden_size):
+    """`{row name: seconds}` of `packed_ffn_steps`, alternately in 5
+    rounds, the median of each."""
+    steps, x = packed_ffn_steps(experts, rows, model_dim, hidden_size)
+    times = {name: [] for name in steps}
+    for step in steps.values():
+        step(x).numpy()
+    for _ in range(5):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(x).numpy()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def main():

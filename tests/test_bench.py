@@ -186,6 +186,27 @@ def test_mesh_benchmark_writes_table_and_json(tmp_path):
     assert one["parameter_bytes"] == no_mesh["parameter_bytes"]
 
 
+def test_matmul_benchmark_times_both_weight_forms_of_the_packed_step(
+        tmp_path):
+    output = tmp_path / "matmul.json"
+    stdout = _run_bench("bench_matmul.py", "--experts=3", "--rows=4",
+                        "--model_dim=8", "--hidden_size=16",
+                        f"--output={output}")
+    assert "| packed FFN step, E weights of [d, h] (gradients apart) |" in \
+        stdout
+    seconds = json.loads(output.read_text())["seconds"]
+    assert len([name for name in seconds if name.startswith("packed")]) == 2
+    assert all(value > 0 for value in seconds.values())
+
+
+def test_packed_step_weight_forms_give_the_same_gradients():
+    from bench_matmul import packed_ffn_steps
+    steps, x = packed_ffn_steps(3, 4, 8, 16)
+    stacked, separate = (float(step(x)) for step in steps.values())
+    assert stacked != 0.0
+    np.testing.assert_allclose(stacked, separate, rtol=1e-5)
+
+
 def test_noise_benchmark_writes_table_and_json(tmp_path):
     output = tmp_path / "noise.json"
     stdout = _run_bench("bench_noise.py", "--sizes=1000,2001", "--rounds=2",

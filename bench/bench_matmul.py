@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import workers  # noqa: E402
 from tf_moe import kernels  # noqa: E402
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -150,17 +151,14 @@ def packed_ffn_steps(experts, rows, model_dim, hidden_size):
 
 def packed_ffn_timings(experts, rows, model_dim, hidden_size):
     """`{row name: seconds}` of `packed_ffn_steps`, alternately in 5
-    rounds, the median of each."""
+    rounds after a warm-up, the median of each."""
     steps, x = packed_ffn_steps(experts, rows, model_dim, hidden_size)
-    times = {name: [] for name in steps}
-    for step in steps.values():
-        step(x).numpy()
-    for _ in range(5):
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step(x).numpy()
-            times[name].append(time.perf_counter() - start)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    calls = {name: lambda step=step: step(x).numpy()
+             for name, step in steps.items()}
+    for call in calls.values():
+        call()
+    medians, _ = workers.time_in_rounds(calls, rounds=5)
+    return {name: float(value) for name, value in medians.items()}
 
 
 def main():

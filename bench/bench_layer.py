@@ -2,7 +2,8 @@
 
     python bench/bench_layer.py [--experts=16,64,256,1024] [--tokens=8192]
         [--gatings=noisy_top_k,top_k,expert_choice,batchwise]
-        [--capacity_factors=none,1.25] [--peers=gshard,garden,mixtral]
+        [--capacity_factors=none,1.25] [--expert_storages=stacked,per_expert]
+        [--peers=gshard,garden,mixtral]
 
 Times one forward+backward step (gradients of the input and of every
 weight, balancing losses included) of `tf_moe.MoE` in training mode at initialisation (zero
@@ -23,6 +24,7 @@ JSON (bench/results/layer.json by default). Asserts nothing about time.
 """
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -65,6 +67,11 @@ def _parse_args(argv=None):
         help="Comma-separated capacity factors of tf_moe.MoE, one row per "
              "factor: 'none' is dropless dispatch (the default), a number "
              "a fixed capacity of ceil(factor * k * tokens / E) per expert.")
+    parser.add_argument(
+        "--expert_storages", default="stacked",
+        help="Comma-separated `expert_storage` values of tf_moe.MoE "
+             "(tf_moe.expert_weights.STORAGES: stacked, per_expert), one row "
+             "per storage.")
     parser.add_argument(
         "--steps", type=int, default=10,
         help="Timed steps per configuration, in as many rounds: each round "
@@ -114,16 +121,18 @@ def _parse_args(argv=None):
 
 
 def parse_worker(worker):
-    """`(kind, experts, gating, kernel mode, capacity factor)` of a worker
-    name: `dense`, `moe:E[:gating[:kernels[:capacity factor]]]`,
-    `partition:E`, `experts:E` (bench/experts_alone.py), `hierarchical:GxB`
-    or a peer's `<peer>:E` (`_PEERS`).
-    Missing fields are "" (experts, gating, kernels) or None (capacity
-    factor: dropless)."""
-    kind, experts, gating, kernel_mode, capacity = (
-        worker.split(":") + [""] * 4)[:5]
+    """`(kind, experts, gating, kernel mode, capacity factor, expert
+    storage)` of a worker name: `dense`,
+    `moe:E[:gating[:kernels[:capacity factor[:storage]]]]`, `partition:E`,
+    `experts:E` (bench/experts_alone.py), `hierarchical:GxB` or a peer's
+    `<peer>:E` (`_PEERS`).
+    Missing fields are "" (experts, gating, kernels), None (capacity
+    factor: dropless) or "stacked" (storage)."""
+    kind, experts, gating, kernel_mode, capacity, storage = (
+        worker.split(":") + [""] * 5)[:6]
     return (kind, experts, gating, kernel_mode,
-            None if capacity in ("", "none") else float(capacity))
+            None if capacity in ("", "none") else float(capacity),
+            storage or "stacked")
 
 
 def make_step(args, worker):
@@ -140,7 +149,8 @@ def make_step(args, worker):
     import tf_moe
 
     keras.utils.set_random_seed(0)
-    kind, experts, gating, kernel_mode, capacity_factor = parse_worker(worker)
+    kind, experts, gating, kernel_mode, capacity_factor, storage = (
+        parse_worker(worker))
     tf_moe.kernels.set_mode(kernel_mode or "auto")
     # The experts alone take each token's k rows, presorted: the experts'
     # input without routing.
@@ -170,7 +180,7 @@ def make_step(args, worker):
         gating = gating or "noisy_top_k"
         layer = tf_moe.MoE(
             int(experts), args.hidden_size, k=args.k, gating=gating,
-            capacity_factor=capacity_factor,
+            capacity_factor=capacity_factor, expert_storage=storage,
             gate_initializer=("zeros" if gating == "noisy_top_k"
                               else "glorot_uniform"), seed=0)
     # The peers' capacities and the experts' alone split follow the rows,
@@ -245,7 +255,8 @@ def _run_worker(args):
     import tf_moe
 
     layer, step, inputs = make_step(args, args.worker)
-    kind, experts, gating, _, capacity_factor = parse_worker(args.worker)
+    kind, experts, gating, _, capacity_factor, storage = parse_worker(
+        args.worker)
     variables = layer.trainable_variables
     for _ in range(args.warmup):
         step(inputs)[1].numpy()
@@ -270,6 +281,7 @@ def _run_worker(args):
         "layer": kind,
         "gating": gating or None,
         "capacity_factor": capacity_factor,
+        "expert_storage": storage if kind == "moe" else None,
         "num_experts": (None if not experts
                         else math.prod(int(n) for n in experts.split("x"))),
         "step_seconds": float(np.median(times)),
@@ -305,10 +317,13 @@ def _run_worker(args):
 
 
 def _dispatch_name(row):
-    """"dropless" or "capacity factor F", for the table."""
-    if row["capacity_factor"] is None:
-        return "dropless"
-    return f"capacity factor {row['capacity_factor']:g}"
+    """"dropless" or "capacity factor F", and the storage where it is not
+    the default, for the table."""
+    name = ("dropless" if row["capacity_factor"] is None
+            else f"capacity factor {row['capacity_factor']:g}")
+    if row.get("expert_storage", "stacked") != "stacked":
+        name += f", {row['expert_storage']} weights"
+    return name
 
 
 def _peak_gpu_mb(tf):
@@ -387,6 +402,7 @@ def main(argv=None):
     gatings = args.gatings.split(",")
     kernel_modes = args.kernels.split(",")
     capacity_factors = args.capacity_factors.split(",")
+    storages = args.expert_storages.split(",")
     peer_kinds = [] if args.peers == "none" else args.peers.split(",")
     for peer in peer_kinds:
         if peer not in _PEERS:
@@ -403,7 +419,7 @@ def main(argv=None):
     with _server(args, "dense") as dense_server:
         rows, peer_rows = _measure_configurations(
             args, experts, gatings, kernel_modes, capacity_factors,
-            peer_kinds, dense_server)
+            storages, peer_kinds, dense_server)
         dense = dense_server.result()
     print(f"TensorFlow's CPU allocator pooled (tf_moe.allocator): "
           f"{dense['cpu_allocator_pooled']}")
@@ -447,7 +463,7 @@ def main(argv=None):
 
 
 def _measure_configurations(args, experts, gatings, kernel_modes,
-                            capacity_factors, peer_kinds, dense):
+                            capacity_factors, storages, peer_kinds, dense):
     """`(tf_moe rows, peer rows)`: every configuration, each timed beside
     the dense FFN's server `dense` (`_measure_beside`)."""
     rows = []
@@ -456,10 +472,11 @@ def _measure_configurations(args, experts, gatings, kernel_modes,
         this_e = []
         for gating in gatings:
             for mode in kernel_modes:
-                for capacity in capacity_factors:
+                for capacity, storage in itertools.product(
+                        capacity_factors, storages):
                     moe = _measure_beside(
-                        args, f"moe:{num_experts}:{gating}:{mode}:{capacity}",
-                        dense)
+                        args, f"moe:{num_experts}:{gating}:{mode}:{capacity}"
+                              f":{storage}", dense)
                     print(f"E={num_experts} {gating} kernels={mode} "
                           f"{_dispatch_name(moe)}: "
                           f"{moe['step_seconds']:.3f} s/step "

@@ -80,14 +80,22 @@ def test_layer_benchmark_writes_table_and_json(tmp_path):
     assert expert_choice["parameters"] == experts + 8 * 4
 
 
-def test_layer_benchmark_times_fixed_capacity_beside_dropless(tmp_path):
+def test_layer_benchmark_times_fixed_capacity_and_storages(tmp_path):
     output = tmp_path / "layer.json"
     stdout = _run_layer_bench(
         output, "--steps=1", "--kernels=tensorflow", "--no-partition_baseline",
-        "--no-experts_alone", "--peers=none", "--capacity_factors=none,1")
+        "--no-experts_alone", "--peers=none", "--capacity_factors=none,1",
+        "--expert_storages=stacked,per_expert")
     assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "
             "factor 1) | 4 |" in stdout)
-    dropless, fixed = json.loads(output.read_text())["moe"]
+    assert ("| tf_moe.MoE noisy_top_k k=2 (tensorflow kernels, capacity "
+            "factor 1, per_expert weights) | 4 |" in stdout)
+    rows = json.loads(output.read_text())["moe"]
+    assert [(row["capacity_factor"], row["expert_storage"]) for row in rows
+            ] == [(None, "stacked"), (None, "per_expert"), (1.0, "stacked"),
+                  (1.0, "per_expert")]
+    assert len({row["parameters"] for row in rows}) == 1
+    dropless, _, fixed, _ = rows
     assert dropless["capacity_factor"] is None
     assert "dropped_fraction" not in dropless
     assert dropless["rows_over_routed"] >= 1.0

@@ -84,10 +84,12 @@ def test_auto_runs_the_fastest_candidate_and_times_each_shape_once(
     assert report[0]["seconds"] == seconds["forward"]
 
 
+@pytest.mark.parametrize("storage", ["stacked", "per_expert"])
 @pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
-def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy):
+def test_auto_chooses_by_timing_inside_a_traced_layer(kernel_mode, policy,
+                                                      storage):
     keras.config.set_dtype_policy(policy)
-    layer = tf_moe.MoE(4, 8, k=2, seed=0)
+    layer = tf_moe.MoE(4, 8, k=2, seed=0, expert_storage=storage)
     tokens = tf.random.normal((32, 6))
     expected = layer(tokens, training=False)
     kernel_mode("auto")
@@ -137,19 +139,25 @@ def test_padded_layout_is_timed_at_a_fixed_capacity(kernel_mode):
     assert layout["rows"] == 16 and layout["padded_rows"] is None
 
 
+@pytest.mark.parametrize("storage", ["stacked", "per_expert"])
 def test_dropless_padded_layout_is_timed_with_its_padding_and_overflow(
-        kernel_mode, monkeypatch):
+        storage, kernel_mode, monkeypatch):
     # The padded candidate runs the buffers a dropless plan makes for a
     # balanced routing (`typical_dropless_buffers`), not the balanced rows.
+    # Both take the weights as the storage holds them: 4 `[E, ...]`
+    # tensors, or 64 of each.
     kernel_mode("auto")
-    experts = tf_moe.Experts(64, 8, output_size=6)
+    experts = tf_moe.Experts(64, 8, output_size=6, storage=storage)
     experts.build((None, 6))
     candidates = {}
+    shapes = []
     monkeypatch.setattr(
         kernels, "choose_layout",
-        lambda shape, make: candidates.update(make(shape.experts))
-        or "padded")
+        lambda shape, make: shapes.append(shape) or candidates.update(
+            make(shape.experts)) or "padded")
     experts.layout(32, tf.float32)
+    assert shapes[0].storage == storage
+    weight_operands = 4 * (1 if storage == "stacked" else 64)
     capacity, overflow_experts, overflow_rows = (
         plan_lib.typical_dropless_buffers(32 * 64, 64))
     assert overflow_experts > 0 and overflow_rows > 0
@@ -158,7 +166,9 @@ def test_dropless_padded_layout_is_timed_with_its_padding_and_overflow(
     assert main.shape == (1, 64, capacity, 6)
     assert overflow.shape == (overflow_experts, overflow_rows, 6)
     assert run_padded(*padded_operands).shape == ()
+    assert len(padded_operands) == 2 + weight_operands
     run_packed, packed_operands = candidates["packed"]
+    assert len(packed_operands) == 1 + weight_operands
     assert packed_operands[0].shape == (64 * 32, 6)
     assert run_packed(*packed_operands).shape == (64 * 32, 6)
 

@@ -1,4 +1,5 @@
-"""The experts: E feed-forward networks held as batched weights."""
+"""The experts: E feed-forward networks, run as batched or per-expert
+products."""
 
 import contextlib
 
@@ -7,6 +8,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import distribution
+from tf_moe import expert_weights
 from tf_moe import kernels
 from tf_moe import plan as plan_lib
 from tf_moe.matmul import buffer_matmul
@@ -47,6 +49,15 @@ class Experts(keras.layers.Layer):
     axis by its first dimension (unless `sharded=False`, for the shared
     experts every token goes through).
 
+    `storage` is how each `[E, ...]` weight is held
+    (`tf_moe.expert_weights`): "stacked", one variable, or "per_expert", E
+    variables (one device only), which the packed layout runs without
+    stacking their gradients. Either way the attributes `kernel_in`,
+    `kernel_out`, `bias_in` and `bias_out` read and assign as `[E, ...]`
+    weights, and Keras saving (`.keras`, `.weights.h5`) writes them
+    stacked, so that a file saved in one storage loads in the other; a
+    `tf.train.Checkpoint` restores into the storage it was written from.
+
     The buffers come in one of two layouts (`tf_moe.plan`), whichever
     `layout` measured faster: padded, run as batched matmuls over E, or
     packed, run as one matmul pair per expert on its own rows.
@@ -74,11 +85,12 @@ class Experts(keras.layers.Layer):
                  activation="relu", dropout=0.0,
                  kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", seed=None, expert_type="ffn",
-                 sharded=True, **kwargs):
+                 sharded=True, storage="stacked", **kwargs):
         super().__init__(**kwargs)
         if expert_type not in EXPERT_TYPES:
             raise ValueError(f"`expert_type` must be one of {EXPERT_TYPES}, "
                              f"got {expert_type!r}.")
+        expert_weights.check_storage(storage)
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.output_size = output_size
@@ -89,12 +101,19 @@ class Experts(keras.layers.Layer):
         self.seed = seed
         self.expert_type = expert_type
         self.sharded = bool(sharded)
+        self.storage = storage
         self.use_bias = expert_type == "ffn"
         self.dropout = keras.layers.Dropout(dropout, seed=seed)
 
     def build(self, input_shape):
         model_dim = input_shape[-1]
         self.strategy = distribution.strategy_at_build()
+        if self.storage == "per_expert" and self.strategy.static_shapes:
+            raise ValueError(
+                "`expert_storage=\"per_expert\"` holds each expert in a "
+                "variable of its own, which a mesh cannot split over its "
+                "expert axis; build under a mesh placement with "
+                "\"stacked\".")
         kernel_initializer = per_expert_initializer(
             self.kernel_initializer, self.num_experts)
         # A glu expert's W_gate and W_up, side by side.
@@ -102,22 +121,62 @@ class Experts(keras.layers.Layer):
         scope = (self.strategy.expert_variables() if self.sharded
                  else contextlib.nullcontext())
         with scope:
-            self.kernel_in = self.add_weight(
-                name="kernel_in",
-                shape=(self.num_experts, model_dim, in_width),
-                initializer=kernel_initializer)
-            self.kernel_out = self.add_weight(
-                name="kernel_out",
-                shape=(self.num_experts, self.hidden_size, self.output_size),
-                initializer=kernel_initializer)
+            self.kernel_in = self._expert_weight(
+                "kernel_in", (model_dim, in_width), kernel_initializer)
+            self.kernel_out = self._expert_weight(
+                "kernel_out", (self.hidden_size, self.output_size),
+                kernel_initializer)
             self.bias_in = self.bias_out = None
             if self.use_bias:
-                self.bias_in = self.add_weight(
-                    name="bias_in", shape=(self.num_experts, self.hidden_size),
-                    initializer=self.bias_initializer)
-                self.bias_out = self.add_weight(
-                    name="bias_out", shape=(self.num_experts, self.output_size),
-                    initializer=self.bias_initializer)
+                self.bias_in = self._expert_weight(
+                    "bias_in", (self.hidden_size,), self.bias_initializer)
+                self.bias_out = self._expert_weight(
+                    "bias_out", (self.output_size,), self.bias_initializer)
+
+    def _expert_weight(self, name, shape, initializer):
+        """An `[E, *shape]` weight in this layer's storage."""
+        shape = (self.num_experts,) + tuple(shape)
+        if self.storage == "stacked":
+            return self.add_weight(name=name, shape=shape,
+                                   initializer=initializer)
+        # Drawn whole, as the stacked variable would be, so that a seed
+        # gives the same experts in either storage.
+        value = initializer(shape, dtype=self.variable_dtype)
+        return expert_weights.PerExpertWeight(
+            self.add_weight(name=f"{name}_{e}", shape=shape[1:],
+                            initializer=lambda _, dtype, part=value[e]:
+                            tf.cast(part, dtype))
+            for e in range(self.num_experts))
+
+    def _held_weights(self):
+        """`(kernel_in, bias_in, kernel_out, bias_out)` as held: variables
+        or `PerExpertWeight`s, the biases None for glu experts."""
+        return (self.kernel_in, self.bias_in, self.kernel_out, self.bias_out)
+
+    def _weights_in_build_order(self):
+        """The `[E, ...]` weights in the order `build` makes them, which
+        is the order Keras files keep them in."""
+        return [w for w in (self.kernel_in, self.kernel_out, self.bias_in,
+                            self.bias_out) if w is not None]
+
+    def save_own_variables(self, store):
+        # Stacked in either storage, so that a file saved in one loads in
+        # the other.
+        if self.storage == "stacked":
+            return super().save_own_variables(store)
+        for i, weight in enumerate(self._weights_in_build_order()):
+            store[f"{i}"] = weight.numpy()
+
+    def load_own_variables(self, store):
+        if self.storage == "stacked":
+            return super().load_own_variables(store)
+        weights = self._weights_in_build_order()
+        if len(store.keys()) != len(weights):
+            raise ValueError(
+                f"Layer {self.name!r} expects {len(weights)} stacked weights "
+                f"in the file, found {len(store.keys())}.")
+        for i, weight in enumerate(weights):
+            weight.assign(store[f"{i}"])
 
     def hidden_activation(self, pre_activation):
         """`[..., h]` hidden units from the first matmul's `[..., h]` (ffn)
@@ -129,27 +188,30 @@ class Experts(keras.layers.Layer):
 
     def call(self, main, overflow=None, overflow_experts=None,
              training=None, rows_hint=None, expert_rows=None):
-        weights = self._weights()
         if expert_rows is not None:
+            slices = tuple(
+                None if w is None else expert_weights.per_expert_slices(w)
+                for w in self._held_weights())
             if main.shape.rank == 2:
-                return self._packed(main, expert_rows, weights, training)
+                return self._packed(main, expert_rows, slices, training)
             return tf.expand_dims(self._packed(
-                tf.squeeze(main, 0), expert_rows, weights, training), 0)
+                tf.squeeze(main, 0), expert_rows, slices, training), 0)
         unsharded = main.shape.rank == 3
         if unsharded:
             main = main[None]
         main_out, overflow_out = self._padded(
-            main, overflow, overflow_experts, weights, training, rows_hint)
+            main, overflow, overflow_experts, self._weights(), training,
+            rows_hint)
         if unsharded:
             main_out = main_out[0]
         return main_out if overflow is None else (main_out, overflow_out)
 
     def _weights(self):
-        """`(kernel_in, bias_in, kernel_out, bias_out)` tensors, the biases
-        None for glu experts."""
+        """`(kernel_in, bias_in, kernel_out, bias_out)` as `[E, ...]`
+        tensors (stacked in "per_expert" storage), the biases None for glu
+        experts."""
         return tuple(None if w is None else tf.convert_to_tensor(w)
-                     for w in (self.kernel_in, self.bias_in, self.kernel_out,
-                               self.bias_out))
+                     for w in self._held_weights())
 
     def _activate(self, hidden, training):
         hidden = self.hidden_activation(hidden)
@@ -179,13 +241,14 @@ class Experts(keras.layers.Layer):
                   for h in layer((main, overflow), kernel_in, bias_in)]
         return layer(hidden, kernel_out, bias_out)
 
-    def _packed(self, rows, expert_rows, weights, training):
+    def _packed(self, rows, expert_rows, slices, training):
         """`[N, d]` rows sorted by expert, `expert_rows[e]` of expert e, as
         one matmul pair per expert (which TensorFlow's graph optimizer
-        fuses with the bias and activation): `[N, d_out]`."""
-        num_experts = weights[0].shape[0]
-        per_expert = [[None] * num_experts if w is None else tf.unstack(w)
-                      for w in weights]
+        fuses with the bias and activation): `[N, d_out]`. `slices`: the
+        weights of `_weights()`, each as E per-expert tensors (or None)."""
+        num_experts = len(slices[0])
+        per_expert = [[None] * num_experts if w is None else w
+                      for w in slices]
         outputs = []
         for part, w_in, b_in, w_out, b_out in zip(
                 tf.split(rows, expert_rows, num=num_experts), *per_expert):
@@ -219,7 +282,7 @@ class Experts(keras.layers.Layer):
         shape = kernels.LayoutShape(
             kernels.device_type(), tf.as_dtype(dtype).name, self.num_experts,
             rows, model_dim, self.kernel_in.shape[2], self.output_size,
-            self.expert_type, padded_rows)
+            self.expert_type, padded_rows, self.storage)
 
         def make_candidates(experts):
             rng = np.random.default_rng(0)
@@ -229,14 +292,36 @@ class Experts(keras.layers.Layer):
 
             weights = tuple(
                 None if w is None else random(experts, *w.shape[1:])
-                for w in (self.kernel_in, self.bias_in, self.kernel_out,
-                          self.bias_out))
-            trainable = tuple(w for w in weights if w is not None)
+                for w in self._held_weights())
+            present = [w for w in weights if w is not None]
 
             def with_absent_biases(trained):  # glu experts have none
                 trained = iter(trained)
                 return tuple(None if w is None else next(trained)
                              for w in weights)
+
+            # The weights as the step takes their gradients: in this
+            # storage, `[E, ...]` tensors or E tensors each.
+            if self.storage == "stacked":
+                trainable = tuple(present)
+
+                def stacked(trained):
+                    return with_absent_biases(trained)
+
+                def slices(trained):
+                    return with_absent_biases(tf.unstack(w) for w in trained)
+            else:
+                trainable = tuple(part for w in present
+                                  for part in tf.unstack(w))
+
+                def slices(trained):
+                    return with_absent_biases(
+                        trained[i:i + experts]
+                        for i in range(0, len(trained), experts))
+
+                def stacked(trained):
+                    return tuple(None if w is None else tf.stack(w)
+                                 for w in slices(trained))
 
             rows_per_expert = shape.rows
             packed = random(experts * rows_per_expert, model_dim)
@@ -258,7 +343,7 @@ class Experts(keras.layers.Layer):
 
             def run_padded(main, *rest):
                 overflow = rest[0] if len(rest) > len(trainable) else None
-                weights = with_absent_biases(rest[-len(trainable):])
+                weights = stacked(rest[-len(trainable):])
                 if shape.padded_rows is None:  # Dropless: C known at run
                     # time only, as in the step, whose products are chosen
                     # at the balanced rows.
@@ -274,7 +359,7 @@ class Experts(keras.layers.Layer):
             return {
                 "padded": (run_padded, padded + trainable),
                 "packed": (lambda x, *w: self._packed(
-                    x, expert_rows, with_absent_biases(w), False),
+                    x, expert_rows, slices(w), False),
                     (packed,) + trainable),
             }
 

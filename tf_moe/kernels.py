@@ -335,6 +335,9 @@ class LayoutShape(NamedTuple):
     # Of each expert's padded buffer where a fixed capacity sets them (each
     # layout is timed at the rows it computes); None: `rows`.
     padded_rows: Optional[int] = None
+    # How the weights are held (`tf_moe.expert_weights`): each layout pays
+    # a copy of them in one storage and not in the other.
+    storage: str = "stacked"
 
 
 def choose_layout(shape, make_candidates):

@@ -24,6 +24,7 @@ import tensorflow as tf
 from tf_moe import balance
 from tf_moe import dispatch as dispatch_lib
 from tf_moe import distribution
+from tf_moe import expert_weights
 from tf_moe import plan as plan_lib
 from tf_moe import routers
 from tf_moe.arguments import (check_activation, check_non_negative,
@@ -93,7 +94,7 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
                  expert_dropout=0.0, noise_epsilon=1e-2,
                  kernel_initializer="glorot_uniform",
                  bias_initializer="zeros", gate_initializer="zeros",
-                 seed=None, **kwargs):
+                 expert_storage="stacked", seed=None, **kwargs):
         if "name" not in kwargs:
             # "moe", "moe_1", ... as Keras names its own layers (the class
             # name would give "mo_e"); metric names carry the layer name.
@@ -134,6 +135,8 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.gate_initializer = keras.initializers.get(gate_initializer)
+        expert_weights.check_storage(expert_storage)
+        self.expert_storage = expert_storage
         self.seed = seed
         self.supports_masking = True
         # The jitter draws its own stream (the gates have theirs).
@@ -176,6 +179,7 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
         for gate in self._gates():
             gate.build((None, model_dim))
         self.experts = self._make_experts(self.num_experts, self.hidden_size,
+                                          storage=self.expert_storage,
                                           name="experts")
         self.experts.build((self.num_experts, None, model_dim))
         self.shared_experts = None
@@ -398,6 +402,7 @@ class MixtureOfExperts(RoutingMetrics, distribution.PerReplicaLosses,
                 self.bias_initializer),
             gate_initializer=keras.initializers.serialize(
                 self.gate_initializer),
+            expert_storage=self.expert_storage,
             seed=self.seed,
         )
         return config

@@ -86,6 +86,12 @@ class MoE(MixtureOfExperts):
         kernel_initializer, bias_initializer: for the experts; a
             variance-scaling initializer scales each expert on its own.
         gate_initializer: for the gate kernels (the paper: zeros).
+        expert_storage: how the routed experts' weights are held:
+            "stacked", one `[E, ...]` variable each (any placement), or
+            "per_expert", E variables each (one device), which a
+            per-expert dispatcher's layout runs without stacking their
+            gradients (`tf_moe.expert_weights`; faster where the layer
+            runs packed, e.g. at E=256 on a 2-core CPU).
         seed: seed of the gate noise, the jitter and the dropout.
 
     Call arguments:

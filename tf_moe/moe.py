@@ -90,8 +90,10 @@ class MoE(MixtureOfExperts):
             "stacked", one `[E, ...]` variable each (any placement), or
             "per_expert", E variables each (one device), which a
             per-expert dispatcher's layout runs without stacking their
-            gradients (`tf_moe.expert_weights`; faster where the layer
-            runs packed, e.g. at E=256 on a 2-core CPU).
+            gradients (`tf_moe.expert_weights`): less memory and a faster
+            step at a few hundred experts on a CPU; above
+            `tf_moe.kernels.PER_EXPERT_MAX_EXPERTS` (no packed layout) it
+            only adds a stack to the padded layout's forward pass.
         seed: seed of the gate noise, the jitter and the dropout.
 
     Call arguments:

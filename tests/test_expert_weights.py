@@ -137,6 +137,8 @@ def test_upcycle_assigns_per_expert_weights():
 def test_storage_argument_is_checked():
     with pytest.raises(ValueError, match="`expert_storage` must be one of"):
         tf_moe.MoE(4, 8, expert_storage="sliced")
+    with pytest.raises(ValueError, match="`storage` must be one of"):
+        tf_moe.Experts(4, 8, 6, storage="sliced")
 
 
 def test_per_expert_storage_is_refused_on_a_mesh():

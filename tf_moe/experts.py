@@ -90,7 +90,7 @@ class Experts(keras.layers.Layer):
         if expert_type not in EXPERT_TYPES:
             raise ValueError(f"`expert_type` must be one of {EXPERT_TYPES}, "
                              f"got {expert_type!r}.")
-        expert_weights.check_storage(storage)
+        expert_weights.check_storage(storage, "storage")
         self.num_experts = num_experts
         self.hidden_size = hidden_size
         self.output_size = output_size
@@ -110,10 +110,10 @@ class Experts(keras.layers.Layer):
         self.strategy = distribution.strategy_at_build()
         if self.storage == "per_expert" and self.strategy.static_shapes:
             raise ValueError(
-                "`expert_storage=\"per_expert\"` holds each expert in a "
-                "variable of its own, which a mesh cannot split over its "
-                "expert axis; build under a mesh placement with "
-                "\"stacked\".")
+                f"Layer {self.name!r}: storage \"per_expert\" (MoE's "
+                "`expert_storage`) holds each expert in a variable of its "
+                "own, which a mesh cannot split over its expert axis; build "
+                "under a mesh placement with \"stacked\".")
         kernel_initializer = per_expert_initializer(
             self.kernel_initializer, self.num_experts)
         # A glu expert's W_gate and W_up, side by side.

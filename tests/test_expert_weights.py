@@ -53,6 +53,24 @@ def test_both_storages_compute_the_same_step(layout_mode, expert_type,
         np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4)
 
 
+def test_per_expert_weights_run_packed_past_the_stacked_bound(
+        kernel_mode, monkeypatch):
+    """Above `PER_EXPERT_MAX_EXPERTS` stacked experts run padded; held per
+    expert they still run packed (no stacked gradient to copy), with the
+    same outputs."""
+    kernel_mode("per_expert")
+    monkeypatch.setattr(tf_moe.kernels, "PER_EXPERT_MAX_EXPERTS", 3)
+    x = tf.random.normal((64, 6), seed=1)
+    outputs, layouts = {}, {}
+    for storage in expert_weights.STORAGES:
+        layer = _moe(storage)
+        outputs[storage] = layer(x, training=False).numpy()
+        layouts[storage] = layer.experts.layout(None, tf.float32)
+    assert layouts == {"stacked": "padded", "per_expert": "packed"}
+    np.testing.assert_allclose(outputs["per_expert"], outputs["stacked"],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_per_expert_weight_reads_and_assigns_as_stacked():
     layer = _moe("per_expert")
     layer.build((None, 6))

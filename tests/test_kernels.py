@@ -220,15 +220,19 @@ def test_layout_is_timed_once_per_shape_and_the_faster_runs(kernel_mode):
     report, = kernels.measurements()
     assert report["product"] == "layout" and report["chosen"] == "packed"
     assert report["seconds"]["packed"] < report["seconds"]["padded"]
-    # More experts than one op each allows: padded, untimed.
+    # More stacked experts than one op each allows: padded, untimed; held
+    # per expert, the packed layout stays a candidate at any count.
     many = shape._replace(experts=kernels.PER_EXPERT_MAX_EXPERTS + 1)
     assert kernels.choose_layout(many, make_candidates) == "padded"
+    assert kernels.choose_layout(many._replace(storage="per_expert"),
+                                 make_candidates) == "packed"
+    assert built == [8, 257]
     for mode, layout in [("tensorflow", "padded"), ("xla", "padded"),
                          ("per_expert", "packed")]:
         kernel_mode(mode)
         assert kernels.choose_layout(shape._replace(rows=3),
                                      make_candidates) == layout
-    assert built == [8]
+    assert built == [8, 257]
     # "per_expert" runs TensorFlow's kernels on padded buffers.
     assert kernels.choose(1, 4, 8, 2, 3, tf.float32) == ("tensorflow",) * 3
 

@@ -91,9 +91,9 @@ class MoE(MixtureOfExperts):
             "per_expert", E variables each (one device), which a
             per-expert dispatcher's layout runs without stacking their
             gradients (`tf_moe.expert_weights`): less memory and a faster
-            step at a few hundred experts on a CPU; above
-            `tf_moe.kernels.PER_EXPERT_MAX_EXPERTS` (no packed layout) it
-            only adds a stack to the padded layout's forward pass.
+            step from a few hundred experts on a CPU, where it also keeps
+            the packed layout that stacked weights give up above
+            `tf_moe.kernels.PER_EXPERT_MAX_EXPERTS`.
         seed: seed of the gate noise, the jitter and the dropout.
 
     Call arguments:

@@ -31,7 +31,7 @@ sorted by expert, one MatMul pair per expert on exactly its rows, as a
 per-expert dispatcher runs them; `tf_moe.plan`). Timed per expert FFN,
 forward and backward, since a 2-D MatMul can fuse with its bias and
 activation, which a product alone does not show. Mode "per_expert" forces
-the packed layout where a layer can run it (one token shard, up to
+the packed layout where a layer can run it (one token shard, and
 `packed_applies`), with TensorFlow's kernels elsewhere.
 
 Timings vary between processes, so two runs of the same seed can choose

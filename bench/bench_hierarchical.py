@@ -40,6 +40,7 @@ def _parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=5,
                         help="Timed steps per configuration (median taken).")
     parser.add_argument("--warmup", type=int, default=2)
+    bench_layer.add_optimizer_flag(parser)
     parser.add_argument(
         "--flat_gate_limit_gb", type=float, default=1.0,
         help="Skip the flat MoE where one [tokens, experts] float32 tensor "

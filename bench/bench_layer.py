@@ -78,6 +78,7 @@ def _parse_args(argv=None):
              "times one step of the configuration and one of the dense FFN, "
              "and the ratio to dense is the median of the rounds' ratios "
              "(a slow spell of the machine slows both).")
+    add_optimizer_flag(parser)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "layer.json"))
@@ -120,6 +121,15 @@ def _parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def add_optimizer_flag(parser):
+    """`--optimizer`, which `make_step` reads (the workers get it)."""
+    parser.add_argument(
+        "--optimizer", default="none", choices=["none", "adam"],
+        help="'adam': every timed step of every layer (the dense FFN and "
+             "the other layers too) also applies Keras's Adam to all its "
+             "weights, as a training step does; 'none': the gradients only.")
+
+
 def parse_worker(worker):
     """`(kind, experts, gating, kernel mode, capacity factor, expert
     storage)` of a worker name: `dense`,
@@ -141,7 +151,8 @@ def make_step(args, worker):
 
     Returns:
         `(layer, step, inputs)`: `step(inputs)` returns the loss and the sum
-        of every gradient (of the input and every weight).
+        of every gradient (of the input and every weight), and applies them
+        with `args.optimizer` where it is "adam".
     """
     import keras
     import tensorflow as tf
@@ -189,6 +200,10 @@ def make_step(args, worker):
     layer(inputs if kind in _PEERS or kind == "experts" else inputs[:8],
           training=True)
     variables = layer.trainable_variables
+    optimizer = None
+    if args.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(1e-4)
+        optimizer.build(variables)  # Its slots, outside the traced step.
 
     @tf.function
     def step(x):
@@ -199,6 +214,8 @@ def make_step(args, worker):
             loss = tf.reduce_mean(tf.square(outputs)) + tf.add_n(
                 [tf.constant(0.0)] + layer.losses)
         grads = tape.gradient(loss, [x] + variables)
+        if optimizer is not None:
+            optimizer.apply_gradients(zip(grads[1:], variables))
         # Reduce every gradient so none of the work can be pruned away.
         return loss, tf.add_n([tf.reduce_sum(g) for g in grads])
 
@@ -356,7 +373,8 @@ def _worker_env(malloc):
 
 
 def _worker_flags(worker):
-    flags = ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup")
+    flags = ("tokens", "model_dim", "hidden_size", "k", "steps", "warmup",
+             "optimizer")
     if parse_worker(worker)[0] in _PEERS:
         flags += ("gshard_capacity_factor", "peer_group_size")
     return flags
@@ -411,6 +429,7 @@ def main(argv=None):
     print(f"tokens={args.tokens} d={args.model_dim} "
           f"hidden_size={args.hidden_size} k={args.k} "
           f"(dense FFN hidden={args.k * args.hidden_size}); "
+          f"optimizer={args.optimizer}; "
           f"malloc={args.malloc}; TF_ENABLE_ONEDNN_OPTS="
           f"{os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'unset')}; "
           f"{args.steps} rounds (one step of a layer and one of the dense FFN "

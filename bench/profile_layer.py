@@ -74,6 +74,7 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=1024)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
+    bench_layer.add_optimizer_flag(parser)
     parser.add_argument("--top_ops", type=int, default=15,
                         help="Rows of the per-type and per-op tables.")
     parser.add_argument("--output", default=os.path.join(

@@ -106,6 +106,30 @@ def test_layer_benchmark_times_fixed_capacity_and_storages(tmp_path):
     assert 0.0 <= fixed["dropped_fraction"] < 0.5
 
 
+@pytest.mark.parametrize("worker", ["dense", "partition:4",
+                                    "moe:4:noisy_top_k:tensorflow",
+                                    "moe:4:noisy_top_k:tensorflow::per_expert"])
+def test_layer_benchmark_step_applies_adam_to_every_weight(worker,
+                                                           kernel_mode):
+    import bench_layer
+    args = bench_layer._parse_args([*_TOY_SHAPE, "--optimizer=adam"])
+    layer, step, inputs = bench_layer.make_step(args, worker)
+    before = [v.numpy() for v in layer.trainable_variables]
+    step(inputs)
+    after = [v.numpy() for v in layer.trainable_variables]
+    assert len(before) >= 4
+    # Adam's first step moves every weight by about its rate.
+    for a, b, v in zip(after, before, layer.trainable_variables):
+        assert not np.array_equal(a, b), v.path
+    # Without --optimizer the step leaves the weights as they are.
+    layer, step, inputs = bench_layer.make_step(
+        bench_layer._parse_args(list(_TOY_SHAPE)), worker)
+    before = [v.numpy() for v in layer.trainable_variables]
+    step(inputs)
+    for a, b in zip(before, [v.numpy() for v in layer.trainable_variables]):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_layer_benchmark_ratios_are_medians_of_same_round_ratios(tmp_path):
     output = tmp_path / "layer.json"
     _run_layer_bench(output, "--steps=3", "--kernels=tensorflow",

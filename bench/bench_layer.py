@@ -79,7 +79,11 @@ def _parse_args(argv=None):
              "and the ratio to dense is the median of the rounds' ratios "
              "(a slow spell of the machine slows both).")
     add_optimizer_flag(parser)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--warmup", type=int, default=3,
+        help="Untimed steps before the timed ones, at least 1: the first "
+             "traces the step and times the kernel choices (its seconds are "
+             "the JSON's `first_step_seconds`).")
     parser.add_argument("--output",
                         default=os.path.join(_HERE, "results", "layer.json"))
     parser.add_argument(
@@ -118,7 +122,10 @@ def _parse_args(argv=None):
                         help=argparse.SUPPRESS)  # see parse_worker
     parser.add_argument("--serve", action="store_true",
                         help=argparse.SUPPRESS)  # see workers.Server
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warmup < 1:
+        parser.error(f"--warmup must be at least 1, got {args.warmup}")
+    return args
 
 
 def add_optimizer_flag(parser):
@@ -275,7 +282,11 @@ def _run_worker(args):
     kind, experts, gating, _, capacity_factor, storage = parse_worker(
         args.worker)
     variables = layer.trainable_variables
-    for _ in range(args.warmup):
+    # The first step traces the step and times the kernel choices.
+    start = time.perf_counter()
+    step(inputs)[1].numpy()
+    first_step_seconds = time.perf_counter() - start
+    for _ in range(args.warmup - 1):
         step(inputs)[1].numpy()
 
     def timed_step():
@@ -303,6 +314,7 @@ def _run_worker(args):
                         else math.prod(int(n) for n in experts.split("x"))),
         "step_seconds": float(np.median(times)),
         "step_seconds_all": times,
+        "first_step_seconds": first_step_seconds,
         "parameters": int(sum(np.prod(v.shape) for v in variables)),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mb": _peak_gpu_mb(tf),

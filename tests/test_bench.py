@@ -142,6 +142,7 @@ def test_layer_benchmark_ratios_are_medians_of_same_round_ratios(tmp_path):
         moe["step_seconds_all"], moe["dense_step_seconds_all"])]
     assert moe["ratios_to_dense_all"] == ratios
     assert moe["ratio_to_dense"] == sorted(ratios)[1]
+    assert moe["first_step_seconds"] > 0
     # One dense step per round of each configuration: tf_moe's three, the
     # per-expert dispatcher's three and the experts' alone three, from the
     # one dense process.

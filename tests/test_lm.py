@@ -86,6 +86,24 @@ def test_parameters_exclude_embedding_and_softmax():
     assert softmax.kernel.shape == (8, 50)
 
 
+@pytest.mark.parametrize("blocks", [("lstm", "moe"), ("lstm", "hmoe")])
+def test_expert_storage_reaches_every_mixture(blocks):
+    config = base.base_config().model
+    config.d_model, config.num_experts, config.k = 8, 4, 2
+    config.num_groups, config.experts_per_group = 2, 2
+    config.expert_hidden, config.blocks = 16, blocks
+    config.expert_storage = "per_expert"
+    body, _ = model_lib.build_language_model(config, vocab_size=50)
+    mixture = body.get_layer(f"{blocks[1]}_1")
+    assert mixture.expert_storage == "per_expert"
+    # Held per expert: 4 experts of 4 weights each, none stacked.
+    assert len(mixture.experts.trainable_weights) == 16
+    assert body(np.ones((2, 3), np.int32)).shape == (2, 3, 8)
+    config.expert_storage = "split"
+    with pytest.raises(ValueError, match="config.model.expert_storage"):
+        model_lib.build_language_model(config, vocab_size=50)
+
+
 def test_projected_lstm_cell_matches_its_equations():
     cell = model_lib.ProjectedLSTMCell(units=6, projection=3)
     rng = np.random.default_rng(0)

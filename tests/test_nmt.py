@@ -429,6 +429,10 @@ def test_bad_inputs_fail_before_training(pair_files, tmp_path):
     with pytest.raises(ValueError, match="config.model.moe must be one of"):
         TranslationRun(config, str(tmp_path / "b"), Distribution("none"))
     config = small_config(pair_files)
+    config.model.expert_storage = "split"
+    with pytest.raises(ValueError, match="config.model.expert_storage"):
+        TranslationRun(config, str(tmp_path / "b"), Distribution("none"))
+    config = small_config(pair_files)
     TranslationRun(config, str(tmp_path / "c"), Distribution("none"))
     config.model.num_experts = 8
     with pytest.raises(ValueError, match="holds a different model"):

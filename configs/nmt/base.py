@@ -54,6 +54,8 @@ def base_config():
     model.importance_weight = 0.01
     model.load_weight = 0.01
     model.capacity_factor = ml_collections.config_dict.placeholder(float)
+    # "stacked" or "per_expert" (tf_moe.MoE's expert_storage; not on a mesh).
+    model.expert_storage = "stacked"
     model.num_groups = 16  # "hmoe".
     model.experts_per_group = 32
     model.k_primary = 2

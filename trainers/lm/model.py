@@ -22,6 +22,7 @@ import keras
 import tensorflow as tf
 
 import tf_moe
+from tf_moe import expert_weights
 from tf_moe import recurrent
 from trainers.lm import transformer
 
@@ -131,6 +132,8 @@ def check_model_config(model):
     if not 0 <= model.dropout < 1:
         raise ValueError(
             f"config.model.dropout must be in [0, 1), got {model.dropout}.")
+    expert_weights.check_storage(model.expert_storage,
+                                 "config.model.expert_storage")
     if model.expert_type not in ("ffn", "glu"):
         raise ValueError(f"config.model.expert_type must be 'ffn' or 'glu', "
                          f"got {model.expert_type!r}.")
@@ -146,7 +149,8 @@ def _router_arguments(model):
         normalize_gates=model.normalize_gates, balancing=model.balancing,
         importance_weight=model.importance_weight,
         load_weight=model.load_weight, aux_loss_weight=model.aux_loss_weight,
-        capacity_factor=model.capacity_factor, expert_type=model.expert_type)
+        capacity_factor=model.capacity_factor, expert_type=model.expert_type,
+        expert_storage=model.expert_storage)
 
 
 def _make_block(kind, index, model, seed):

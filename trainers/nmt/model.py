@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 import tf_moe
+from tf_moe import expert_weights
 from tf_moe import recurrent
 from tf_moe import sharding
 
@@ -43,6 +44,8 @@ def check_model_config(model):
     if not 0 <= model.dropout < 1:
         raise ValueError(
             f"config.model.dropout must be in [0, 1), got {model.dropout}.")
+    expert_weights.check_storage(model.expert_storage,
+                                 "config.model.expert_storage")
     if model.moe == "moe" and model.k > model.num_experts:
         raise ValueError(f"config.model.k ({model.k}) is larger than "
                          f"config.model.num_experts ({model.num_experts}).")
@@ -54,7 +57,8 @@ def _mixture(model, output_size, seed, name):
                   gating=model.gating, noisy_gating=model.noisy_gating,
                   importance_weight=model.importance_weight,
                   load_weight=model.load_weight,
-                  capacity_factor=model.capacity_factor, seed=seed, name=name)
+                  capacity_factor=model.capacity_factor,
+                  expert_storage=model.expert_storage, seed=seed, name=name)
     if model.moe == "moe":
         return tf_moe.MoE(num_experts=model.num_experts, k=model.k, **common)
     if model.moe == "hmoe":

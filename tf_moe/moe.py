@@ -90,10 +90,11 @@ class MoE(MixtureOfExperts):
             "stacked", one `[E, ...]` variable each (any placement), or
             "per_expert", E variables each (one device), which a
             per-expert dispatcher's layout runs without stacking their
-            gradients (`tf_moe.expert_weights`): less memory and a faster
-            step from a few hundred experts on a CPU, where it also keeps
-            the packed layout that stacked weights give up above
-            `tf_moe.kernels.PER_EXPERT_MAX_EXPERTS`.
+            gradients (`tf_moe.expert_weights`): less memory and faster
+            gradients from a few hundred experts on a CPU, where it also
+            keeps the packed layout that stacked weights give up above
+            `tf_moe.kernels.PER_EXPERT_MAX_EXPERTS`, and a faster Adam
+            update at any E; a slower first trace (README, "The floor").
         seed: seed of the gate noise, the jitter and the dropout.
 
     Call arguments:

@@ -174,12 +174,24 @@ def test_config_keeps_the_storage():
     assert clone.expert_storage == "per_expert"
 
 
-def test_hierarchical_layer_computes_the_same_in_both_storages():
+@pytest.mark.parametrize("layout_mode", ["tensorflow", "per_expert"])
+def test_hierarchical_layer_computes_the_same_in_both_storages(
+        layout_mode, kernel_mode, monkeypatch):
+    """Padded ("tensorflow") and packed ("per_expert"), with the stacked
+    bound below the 6 experts: there stacked runs padded, per-expert
+    packed."""
+    kernel_mode(layout_mode)
+    monkeypatch.setattr(tf_moe.kernels, "PER_EXPERT_MAX_EXPERTS", 3)
     x = tf.random.normal((64, 6), seed=1)
-    outputs = [tf_moe.HierarchicalMoE(
-        2, 3, 8, seed=3, expert_storage=storage,
-        kernel_initializer=keras.initializers.GlorotUniform(5))(x)
-        for storage in expert_weights.STORAGES]
+    outputs, layouts = [], []
+    for storage in expert_weights.STORAGES:
+        layer = tf_moe.HierarchicalMoE(
+            2, 3, 8, seed=3, expert_storage=storage,
+            kernel_initializer=keras.initializers.GlorotUniform(5))
+        outputs.append(layer(x))
+        layouts.append(layer.experts.layout(None, tf.float32))
+    assert layouts == ["padded", "padded" if layout_mode == "tensorflow"
+                       else "packed"]
     np.testing.assert_allclose(outputs[1], outputs[0], rtol=1e-5, atol=1e-6)
 
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -157,6 +158,26 @@ def test_step_by_step_decoding_equals_teacher_forcing(fields):
         logits, state = model.decode_step(inputs[:, position], state, memory,
                                           keys, source_mask)
         np.testing.assert_allclose(logits, expected[:, position], atol=2e-5)
+
+
+@pytest.mark.parametrize("moe", ["moe", "hmoe", "ffn"])
+def test_expert_dropout_reaches_the_layer_between_the_lstms(moe):
+    """`expert_dropout` drops the hidden units of the experts or of the
+    baseline's feed-forward layer (the config's `dropout`, around every
+    layer, is 0 here): the training output differs from inference's, and
+    at 0 it does not."""
+    outputs = {}
+    for rate in (0.0, 0.5):
+        keras.utils.set_random_seed(0)  # The same weights at both rates.
+        model = model_lib.Seq2Seq(
+            _model_config(moe=moe, gating="noisy_top_k", noisy_gating=False,
+                          expert_dropout=rate), vocab_size=30, seed=3)
+        x = tf.random.normal((2, 5, 16), seed=1)
+        outputs[rate] = [model.encoder_mixture(x, training=t).numpy()
+                         for t in (True, False)]
+    np.testing.assert_allclose(*outputs[0.0], atol=1e-6)
+    assert not np.allclose(*outputs[0.5], atol=1e-3)
+    np.testing.assert_allclose(outputs[0.5][1], outputs[0.0][1], atol=1e-6)
 
 
 def test_padding_does_not_change_the_encoding():
@@ -427,6 +448,10 @@ def test_bad_inputs_fail_before_training(pair_files, tmp_path):
         TranslationRun(config, str(tmp_path / "a"), Distribution("none"))
     config = small_config(pair_files, moe="dense")
     with pytest.raises(ValueError, match="config.model.moe must be one of"):
+        TranslationRun(config, str(tmp_path / "b"), Distribution("none"))
+    config = small_config(pair_files)
+    config.model.expert_dropout = 1.0
+    with pytest.raises(ValueError, match="config.model.expert_dropout"):
         TranslationRun(config, str(tmp_path / "b"), Distribution("none"))
     config = small_config(pair_files)
     config.model.expert_storage = "split"

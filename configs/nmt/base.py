@@ -43,6 +43,10 @@ def base_config():
     config.model = model = ml_collections.ConfigDict()
     model.d_model = 512  # Embeddings, LSTMs, attention and the MoE's input.
     model.dropout = 0.4
+    # On the hidden units of every expert (and of the dense baseline's
+    # feed-forward layer) in training: Switch Transformer's "expert dropout"
+    # (Fedus et al. 2021, section 2.4), for models larger than their data.
+    model.expert_dropout = 0.0
     # What sits between encoder layers 2 and 3 and decoder layers 1 and 2:
     # "moe", "hmoe" (hierarchical) or "ffn" (the dense baseline).
     model.moe = "moe"

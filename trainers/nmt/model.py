@@ -41,9 +41,10 @@ def check_model_config(model):
         raise ValueError(f"config.model.d_model must be even (the first "
                          f"encoder layer is two LSTMs of d_model / 2), got "
                          f"{model.d_model}.")
-    if not 0 <= model.dropout < 1:
-        raise ValueError(
-            f"config.model.dropout must be in [0, 1), got {model.dropout}.")
+    for field in ("dropout", "expert_dropout"):
+        if not 0 <= model[field] < 1:
+            raise ValueError(f"config.model.{field} must be in [0, 1), got "
+                             f"{model[field]}.")
     expert_weights.check_storage(model.expert_storage,
                                  "config.model.expert_storage")
     if model.moe == "moe" and model.k > model.num_experts:
@@ -58,6 +59,7 @@ def _mixture(model, output_size, seed, name):
                   importance_weight=model.importance_weight,
                   load_weight=model.load_weight,
                   capacity_factor=model.capacity_factor,
+                  expert_dropout=model.expert_dropout,
                   expert_storage=model.expert_storage, seed=seed, name=name)
     if model.moe == "moe":
         return tf_moe.MoE(num_experts=model.num_experts, k=model.k, **common)
@@ -67,30 +69,41 @@ def _mixture(model, output_size, seed, name):
             experts_per_group=model.experts_per_group,
             k_primary=model.k_primary, k_secondary=model.k_secondary,
             **common)
-    return FeedForward(model.ffn_hidden, output_size, name=name)
+    return FeedForward(model.ffn_hidden, output_size,
+                       dropout=model.expert_dropout, seed=seed, name=name)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe_trainers")
 class FeedForward(keras.layers.Layer):
     """The dense baseline's layer: `relu(x W1 + b1) W2 + b2`, on any number
-    of leading dimensions (one expert that every token runs on)."""
+    of leading dimensions (one expert that every token runs on), with
+    `dropout` on its hidden units in training, as the experts' own
+    (`config.model.expert_dropout`)."""
 
-    def __init__(self, hidden_size, output_size, **kwargs):
+    def __init__(self, hidden_size, output_size, dropout=0.0, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.supports_masking = True
         self.hidden_size = hidden_size
         self.output_size = output_size
+        self.dropout_rate = dropout
+        self.seed = seed
         self.hidden = keras.layers.Dense(hidden_size, activation="relu",
                                          name="hidden")
+        self.dropout = keras.layers.Dropout(dropout, seed=seed)
         self.output_layer = keras.layers.Dense(output_size, name="output")
 
-    def call(self, inputs, mask=None):
+    def call(self, inputs, mask=None, training=None):
         del mask  # Position-wise: padding cannot reach other positions.
-        return self.output_layer(self.hidden(inputs))
+        hidden = self.hidden(inputs)
+        if self.dropout_rate > 0:
+            hidden = self.dropout(hidden, training=training)
+        return self.output_layer(hidden)
 
     def get_config(self):
         return dict(super().get_config(), hidden_size=self.hidden_size,
-                    output_size=self.output_size)
+                    output_size=self.output_size, dropout=self.dropout_rate,
+                    seed=self.seed)
 
 
 @keras.saving.register_keras_serializable(package="tf_moe_trainers")

@@ -86,6 +86,33 @@ def test_parameters_exclude_embedding_and_softmax():
     assert softmax.kernel.shape == (8, 50)
 
 
+@pytest.mark.parametrize("architecture, block", [
+    ("lstm", "moe"), ("lstm", "hmoe"), ("lstm", "ffn"),
+    ("transformer", "moe"), ("transformer", "ffn")])
+def test_expert_dropout_reaches_every_feed_forward_block(architecture, block):
+    """`expert_dropout` drops hidden units of the experts and of dense
+    blocks (with `dropout`, around every block, at 0): training output
+    differs from inference's, and at rate 0 it does not."""
+    config = base.base_config().model
+    config.architecture, config.dropout = architecture, 0.0
+    config.d_model, config.num_experts, config.k = 8, 4, 2
+    config.num_groups, config.experts_per_group = 2, 2
+    config.expert_hidden, config.ffn_hidden = 16, (16,)
+    config.num_heads, config.noisy_gating = 2, False
+    config.blocks = (block,) if architecture == "transformer" else (
+        "lstm", block)
+    ids = np.arange(1, 7, dtype=np.int32).reshape(2, 3)
+    for rate, differs in ((0.0, False), (0.5, True)):
+        config.expert_dropout = rate
+        body, _ = model_lib.build_language_model(config, vocab_size=50)
+        trained, inferred = (body(ids, training=t).numpy()
+                             for t in (True, False))
+        assert (not np.allclose(trained, inferred, atol=1e-4)) == differs
+    config.expert_dropout = 1.0
+    with pytest.raises(ValueError, match="config.model.expert_dropout"):
+        model_lib.build_language_model(config, vocab_size=50)
+
+
 @pytest.mark.parametrize("blocks", [("lstm", "moe"), ("lstm", "hmoe")])
 def test_expert_storage_reaches_every_mixture(blocks):
     config = base.base_config().model

@@ -36,6 +36,10 @@ def base_config():
     model.blocks = ("lstm", "moe", "lstm")
     model.d_model = 512
     model.dropout = 0.1
+    # On the hidden units of every expert (and of dense "ffn" blocks) in
+    # training: Switch Transformer's "expert dropout" (Fedus et al. 2021,
+    # section 2.4), for models larger than their data.
+    model.expert_dropout = 0.0
     model.num_experts = 32
     model.k = 4
     model.expert_hidden = 1024

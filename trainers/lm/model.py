@@ -75,18 +75,23 @@ class ProjectedLSTMCell(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="tf_moe_trainers")
 class DenseFeedForward(keras.layers.Layer):
-    """ReLU hidden layers of `hidden_sizes` units, then a linear one of
-    `output_size`: `[..., d] -> [..., output_size]`. Keeps the padding
-    mask (a Sequential of Dense layers drops it)."""
+    """ReLU hidden layers of `hidden_sizes` units, each with `dropout` in
+    training (as the experts' hidden units, `config.model.expert_dropout`),
+    then a linear one of `output_size`: `[..., d] -> [..., output_size]`.
+    Keeps the padding mask (a Sequential of Dense layers drops it)."""
 
-    def __init__(self, hidden_sizes, output_size, **kwargs):
+    def __init__(self, hidden_sizes, output_size, dropout=0.0, seed=None,
+                 **kwargs):
         super().__init__(**kwargs)
         self.hidden_sizes = tuple(int(width) for width in hidden_sizes)
         self.output_size = int(output_size)
+        self.dropout_rate = dropout
+        self.seed = seed
         self.supports_masking = True
         self.hidden = [keras.layers.Dense(width, activation="relu",
                                           name=f"hidden_{i}")
                        for i, width in enumerate(self.hidden_sizes)]
+        self.dropout = keras.layers.Dropout(dropout, seed=seed)
         self.projection = keras.layers.Dense(self.output_size,
                                              name="projection")
 
@@ -97,9 +102,11 @@ class DenseFeedForward(keras.layers.Layer):
             shape = shape[:-1] + (layer.units,)
         self.projection.build(shape)
 
-    def call(self, x):
+    def call(self, x, training=None):
         for layer in self.hidden:
             x = layer(x)
+            if self.dropout_rate > 0:
+                x = self.dropout(x, training=training)
         return self.projection(x)
 
     def compute_output_shape(self, input_shape):
@@ -107,7 +114,8 @@ class DenseFeedForward(keras.layers.Layer):
 
     def get_config(self):
         return dict(super().get_config(), hidden_sizes=self.hidden_sizes,
-                    output_size=self.output_size)
+                    output_size=self.output_size, dropout=self.dropout_rate,
+                    seed=self.seed)
 
 
 def check_model_config(model):
@@ -129,9 +137,10 @@ def check_model_config(model):
         if int(model[field]) < 1:
             raise ValueError(f"config.model.{field} must be >= 1, got "
                              f"{model[field]}.")
-    if not 0 <= model.dropout < 1:
-        raise ValueError(
-            f"config.model.dropout must be in [0, 1), got {model.dropout}.")
+    for field in ("dropout", "expert_dropout"):
+        if not 0 <= model[field] < 1:
+            raise ValueError(f"config.model.{field} must be in [0, 1), got "
+                             f"{model[field]}.")
     expert_weights.check_storage(model.expert_storage,
                                  "config.model.expert_storage")
     if model.expert_type not in ("ffn", "glu"):
@@ -150,6 +159,7 @@ def _router_arguments(model):
         importance_weight=model.importance_weight,
         load_weight=model.load_weight, aux_loss_weight=model.aux_loss_weight,
         capacity_factor=model.capacity_factor, expert_type=model.expert_type,
+        expert_dropout=model.expert_dropout,
         expert_storage=model.expert_storage)
 
 
@@ -173,7 +183,9 @@ def _make_block(kind, index, model, seed):
             hidden_size=model.expert_hidden, k_primary=model.k_primary,
             k_secondary=model.k_secondary, seed=seed, name=name,
             **_router_arguments(model))
-    return DenseFeedForward(model.ffn_hidden, model.d_model, name=name)
+    return DenseFeedForward(model.ffn_hidden, model.d_model,
+                            dropout=model.expert_dropout, seed=seed,
+                            name=name)
 
 
 def build_language_model(model, vocab_size, seed=0):

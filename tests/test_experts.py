@@ -74,31 +74,32 @@ def test_dropout_drops_hidden_units_in_training_only(layout):
     the bias alone (its unit dropped) or the bias plus twice the
     inference output's product (kept, scaled by 1 / (1 - 0.5)); both
     occur, and inference is untouched."""
-    layer = experts_lib.Experts(3, 1, 2, activation="linear", dropout=0.5,
-                                bias_initializer="random_normal", seed=7)
-    layer.build((3, None, 5))
+    # every_token sums the hidden units of all experts side by side: with
+    # one expert, each row keeps or drops its one unit.
+    num_experts = 1 if layout == "every_token" else 3
+    layer = experts_lib.Experts(num_experts, 1, 2, activation="linear",
+                                dropout=0.5, bias_initializer="random_normal",
+                                seed=7)
+    layer.build((num_experts, None, 5))
+    bias = layer.bias_out.numpy()
     if layout == "padded":
         inputs = tf.random.normal((3, 40, 5), seed=1)
         run = lambda training: layer(inputs, training=training)  # noqa: E731
-        bias = layer.bias_out.numpy()[:, None, :]
+        bias = bias[:, None, :]
     elif layout == "packed":
-        inputs = tf.random.normal((120, 5), seed=1)
         rows = tf.constant([40, 40, 40])
+        inputs = tf.random.normal((120, 5), seed=1)
         run = lambda training: layer(  # noqa: E731
             inputs, expert_rows=rows, training=training)
-        bias = np.repeat(layer.bias_out.numpy(), 40, axis=0)
-    else:  # The shared experts: every token through all three, summed.
-        layer = experts_lib.Experts(1, 1, 2, activation="linear", dropout=0.5,
-                                    bias_initializer="random_normal", seed=7)
-        layer.build((1, None, 5))
+        bias = np.repeat(bias, 40, axis=0)
+    else:
         inputs = tf.random.normal((120, 5), seed=1)
         run = lambda training: layer.every_token(  # noqa: E731
             inputs, training=training)
-        bias = layer.bias_out.numpy()[0]
     inference = run(False).numpy()
     np.testing.assert_array_equal(run(None).numpy(), inference)
     trained = run(True).numpy()
-    dropped = np.isclose(trained, bias + 0 * trained, atol=1e-6).all(-1)
+    dropped = np.isclose(trained, bias, atol=1e-6).all(-1)
     kept = np.isclose(trained, bias + 2 * (inference - bias),
                       atol=1e-5).all(-1)
     assert (dropped | kept).all()

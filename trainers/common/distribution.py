@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from tf_moe import sharding
+from tf_moe.distribution.trainer import compile_without_autograph
 
 KINDS = ("none", "mirrored", "dtensor")
 
@@ -66,7 +67,7 @@ def relaxed(function):
                     for key, value in batch.items()}
             rest_spec = [tf.TensorSpec.from_tensor(tf.convert_to_tensor(r))
                          for r in rest]
-            compiled["function"] = tf.function(
+            compiled["function"] = compile_without_autograph(
                 function, input_signature=[spec] + rest_spec)
         return compiled["function"](batch, *rest)
     return call
@@ -189,7 +190,7 @@ class Distribution:
         if self.strategy is not None:
             strategy = self.strategy
 
-            @tf.function(reduce_retracing=True)
+            @compile_without_autograph(reduce_retracing=True)
             def replica_step(batch, tokens):
                 def step(replica_batch):
                     stats, grads = stats_and_gradients(replica_batch, tokens)
@@ -240,7 +241,7 @@ class Distribution:
             strategy = self.strategy
             replicas = self.num_replicas
 
-            @tf.function(reduce_retracing=True)
+            @compile_without_autograph(reduce_retracing=True)
             def replica_eval(batch):
                 stats = strategy.run(stats_fn, args=(batch,))
                 return {key: strategy.reduce("SUM", value, axis=None)
@@ -253,7 +254,7 @@ class Distribution:
 
         if self.placement is not None:
             placement = self.placement
-            compiled = tf.function(stats_fn)  # Per shape, as in training.
+            compiled = compile_without_autograph(stats_fn)  # Per shape, as in training.
 
             def run(batch):
                 batch = pad_time(pad_rows(batch, self.num_replicas))

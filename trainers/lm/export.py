@@ -13,6 +13,7 @@ Signatures:
 
 import tensorflow as tf
 
+from tf_moe.distribution.trainer import compile_without_autograph
 from trainers.common import serving
 from trainers.common import text
 
@@ -37,7 +38,7 @@ class LanguageModelServer(tf.Module):
         ids = tf.concat([tf.RaggedTensor.from_tensor(bos), pieces], axis=1)
         return ids.to_tensor(), tf.cast(ids.row_lengths(), tf.int32), words
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string)])
     def score(self, sentences):
         inputs, lengths, words = self._prefix_ids(sentences)
         # Targets: the pieces, then the end of sentence at each row's end.
@@ -56,7 +57,7 @@ class LanguageModelServer(tf.Module):
                 "perplexity_per_word": tf.exp(
                     -log_likelihood / tf.cast(words, tf.float32))}
 
-    @tf.function(input_signature=[
+    @compile_without_autograph(input_signature=[
         tf.TensorSpec([None], tf.string), tf.TensorSpec([], tf.int32),
         tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.int32)])
     def sample(self, prefixes, max_tokens, temperature, seed):

@@ -16,6 +16,7 @@ block's, fixed at export.
 
 import tensorflow as tf
 
+from tf_moe.distribution.trainer import compile_without_autograph
 from trainers.common import serving
 from trainers.common import text
 from trainers.nmt import beam_search as beam_search_lib
@@ -97,11 +98,11 @@ class Translator(tf.Module):
             tf.cast(ids == text.EOS_ID, tf.int32), axis=1) == 0)
         return self.tokenizer.detokenize(ids)
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string)])
+    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string)])
     def translate(self, sources):
         return self._translate(sources, tf.zeros_like(sources, tf.int32))
 
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.string),
+    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string),
                                   tf.TensorSpec([None], tf.string)])
     def translate_to(self, sources, target_languages):
         indices = self._language_table.lookup(target_languages)

@@ -13,7 +13,7 @@ from tf_moe.distribution import optimizer as optimizer_lib
 # the code these steps run (the layers, the trainers' models, beam search)
 # branches on tensors only through TensorFlow's control flow (tf.cond,
 # tf.while_loop), so converting it, and every layer it calls, would only
-# add tracing time (about a sixth of a short mesh test's).
+# add tracing time.
 compile_without_autograph = functools.partial(tf.function, autograph=False)
 
 

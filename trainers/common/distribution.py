@@ -254,7 +254,8 @@ class Distribution:
 
         if self.placement is not None:
             placement = self.placement
-            compiled = compile_without_autograph(stats_fn)  # Per shape, as in training.
+            # Traced per shape, as in training.
+            compiled = compile_without_autograph(stats_fn)
 
             def run(batch):
                 batch = pad_time(pad_rows(batch, self.num_replicas))

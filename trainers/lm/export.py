@@ -38,7 +38,8 @@ class LanguageModelServer(tf.Module):
         ids = tf.concat([tf.RaggedTensor.from_tensor(bos), pieces], axis=1)
         return ids.to_tensor(), tf.cast(ids.row_lengths(), tf.int32), words
 
-    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string)])
+    @compile_without_autograph(
+        input_signature=[tf.TensorSpec([None], tf.string)])
     def score(self, sentences):
         inputs, lengths, words = self._prefix_ids(sentences)
         # Targets: the pieces, then the end of sentence at each row's end.

@@ -98,12 +98,13 @@ class Translator(tf.Module):
             tf.cast(ids == text.EOS_ID, tf.int32), axis=1) == 0)
         return self.tokenizer.detokenize(ids)
 
-    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string)])
+    @compile_without_autograph(
+        input_signature=[tf.TensorSpec([None], tf.string)])
     def translate(self, sources):
         return self._translate(sources, tf.zeros_like(sources, tf.int32))
 
-    @compile_without_autograph(input_signature=[tf.TensorSpec([None], tf.string),
-                                  tf.TensorSpec([None], tf.string)])
+    @compile_without_autograph(input_signature=[
+        tf.TensorSpec([None], tf.string), tf.TensorSpec([None], tf.string)])
     def translate_to(self, sources, target_languages):
         indices = self._language_table.lookup(target_languages)
         known = tf.debugging.Assert(tf.reduce_all(indices >= 0), [

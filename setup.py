@@ -32,6 +32,7 @@ setup(
         "keras-hub": ["keras-hub==0.32.*"],
         "dev": [
             "pytest",
+            "pytest-xdist",  # setup.cfg: the suite runs in two processes
             "scipy",
             "matplotlib",  # bench/bench_lm.py's plots
             "keras-hub==0.32.*",  # tests/test_keras_hub.py

@@ -1,5 +1,6 @@
 """TensorFlow's CPU allocator pools in every oneDNN configuration once
-tf_moe is imported (`tf_moe.allocator`), each case in a fresh process."""
+tf_moe is imported, except for DTensor on logical CPUs (`tf_moe.allocator`),
+each case in a fresh process."""
 
 import json
 import os
@@ -22,11 +23,31 @@ print(json.dumps({
 """
 
 
-def _probe(**environment):
+# DTensor's eager ops on empty tensors (the empty shape of a scalar
+# `tf.zeros([])`, a `[0]` result) fail on TensorFlow's pool.
+_MESH_PROBE = """
+import json, os
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+import tf_moe
+from tf_moe import sharding
+sharding.configure_logical_cpus(2)
+mesh = dtensor.create_mesh([("batch", 2)], devices=["CPU:0", "CPU:1"])
+with dtensor.default_mesh(mesh):
+    shapes = [tf.zeros([]).shape.as_list(), tf.zeros([0, 3]).shape.as_list()]
+print(json.dumps({
+    "variable": os.environ.get(tf_moe.allocator.POOL_VARIABLE),
+    "pooled": tf_moe.allocator.cpu_allocator_pooled(),
+    "shapes": shapes}))
+"""
+
+
+def _probe(script=_PROBE, **environment):
     env = {k: v for k, v in os.environ.items()
-           if k not in ("TF_ENABLE_ONEDNN_OPTS", allocator.POOL_VARIABLE)}
+           if k not in ("TF_ENABLE_ONEDNN_OPTS", allocator.POOL_VARIABLE,
+                        allocator.CHOSEN_VARIABLE)}
     env.update(environment, TF_CPP_MIN_LOG_LEVEL="3")
-    result = subprocess.run([sys.executable, "-c", _PROBE], env=env,
+    result = subprocess.run([sys.executable, "-c", script], env=env,
                             capture_output=True, text=True, timeout=300,
                             check=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -48,3 +69,21 @@ def test_onednn_on_keeps_onednns_pool():
     if not probe["onednn"]:
         pytest.skip("this TensorFlow build has no oneDNN kernels")
     assert probe == {"variable": None, "onednn": True, "pooled": True}
+
+
+@pytest.mark.parametrize("onednn", ["0", "1"])
+def test_a_cpu_mesh_runs_dtensor_on_malloc(onednn):
+    probe = _probe(_MESH_PROBE, TF_ENABLE_ONEDNN_OPTS=onednn)
+    assert probe["variable"] is None
+    assert probe["shapes"] == [[], [0, 3]]
+    if onednn == "0":
+        assert not probe["pooled"]
+
+
+def test_a_users_pool_is_kept_on_a_cpu_mesh():
+    script = _PROBE.replace(
+        "import tf_moe\n",
+        "import tf_moe\ntf_moe.sharding.configure_logical_cpus(2)\n")
+    probe = _probe(script, TF_ENABLE_ONEDNN_OPTS="0",
+                   **{allocator.POOL_VARIABLE: "1"})
+    assert probe == {"variable": "1", "onednn": False, "pooled": True}

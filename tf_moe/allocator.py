@@ -16,11 +16,23 @@ oneDNN's kernels are off, unless the variable is set already (set it to 0
 to keep malloc). TensorFlow reads it when it makes its CPU allocator, at
 the first tensor: it takes effect when tf_moe is imported before any
 tensor is made, even after `import tensorflow`.
+
+DTensor on CPU devices cannot run on that pool: it gives a zero-byte
+tensor a null buffer, and DTensor's eager ops refuse one ("TF_TensorData
+returned nullptr") wherever an input or output is empty, even the empty
+shape of `tf.zeros([])`. So splitting the CPU into devices for a mesh
+(`tf_moe.sharding.configure_logical_cpus`) hands the allocator back to
+malloc, unless the user chose.
 """
 
 import os
 
 POOL_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
+
+# Set beside POOL_VARIABLE where this module chose the pool, so that it
+# (and a child process, which inherits both) can tell its choice from a
+# user's.
+CHOSEN_VARIABLE = "TF_MOE_CHOSE_CPU_POOL"
 
 
 def _onednn_enabled():
@@ -42,6 +54,20 @@ def use_pooled_cpu_allocator():
     """
     if POOL_VARIABLE not in os.environ and not _onednn_enabled():
         os.environ[POOL_VARIABLE] = "1"
+        os.environ[CHOSEN_VARIABLE] = "1"
+    return os.environ.get(POOL_VARIABLE)
+
+
+def use_malloc_for_dtensor():
+    """Takes back `use_pooled_cpu_allocator`'s choice (not a user's) for a
+    process that runs DTensor on CPU devices (the module docstring). Call
+    it before TensorFlow makes its first tensor.
+
+    Returns:
+        The value of `TF_CPU_ALLOCATOR_USE_BFC` after the call, or None.
+    """
+    if os.environ.pop(CHOSEN_VARIABLE, None):
+        os.environ.pop(POOL_VARIABLE, None)
     return os.environ.get(POOL_VARIABLE)
 
 

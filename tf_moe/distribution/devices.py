@@ -3,9 +3,14 @@
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from tf_moe import allocator
+
 
 def configure_logical_cpus(count):
-    """Splits the host CPU into `count` logical devices (before TF runs)."""
+    """Splits the host CPU into `count` logical devices (before TF runs),
+    for DTensor meshes: TensorFlow's CPU allocator is left to malloc, which
+    DTensor's eager ops need (`tf_moe.allocator`)."""
+    allocator.use_malloc_for_dtensor()
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration()] * count)

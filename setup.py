@@ -32,7 +32,7 @@ setup(
         "keras-hub": ["keras-hub==0.32.*"],
         "dev": [
             "pytest",
-            "pytest-xdist",  # setup.cfg: the suite runs in two processes
+            "pytest-xdist>=3.2",  # setup.cfg: two processes, --dist worksteal
             "scipy",
             "matplotlib",  # bench/bench_lm.py's plots
             "keras-hub==0.32.*",  # tests/test_keras_hub.py

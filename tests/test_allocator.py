@@ -87,3 +87,48 @@ def test_a_users_pool_is_kept_on_a_cpu_mesh():
     probe = _probe(script, TF_ENABLE_ONEDNN_OPTS="0",
                    **{allocator.POOL_VARIABLE: "1"})
     assert probe == {"variable": "1", "onednn": False, "pooled": True}
+
+
+# A CPU mesh made on TensorFlow's pool: one unsplit device (no
+# `configure_logical_cpus`), or split with the user's own pool.
+_MAKE_MESH_PROBE = """
+import json, warnings
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+import tf_moe
+from tf_moe import sharding
+if {devices} > 1:
+    sharding.configure_logical_cpus({devices})
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    mesh = sharding.make_mesh("batch:{devices}")
+try:
+    with dtensor.default_mesh(mesh):
+        tf.zeros([]).numpy()
+    failed = False
+except tf.errors.InternalError:
+    failed = True
+print(json.dumps({{
+    "warnings": [str(w.message) for w in caught
+                 if issubclass(w.category, RuntimeWarning)],
+    "empty_tensor_failed": failed}}))
+"""
+
+
+@pytest.mark.parametrize("devices,pool,warned", [
+    (1, None, True),   # tf_moe's pool, the CPU not split.
+    (1, "0", False),   # The user's malloc.
+    (2, None, False),  # Split: tf_moe's pool taken back.
+    (2, "1", True),    # Split, the user's own pool kept.
+])
+def test_make_mesh_warns_where_dtensor_would_fail(devices, pool, warned):
+    environment = {} if pool is None else {allocator.POOL_VARIABLE: pool}
+    probe = _probe(_MAKE_MESH_PROBE.format(devices=devices),
+                   TF_ENABLE_ONEDNN_OPTS="0", **environment)
+    # The warning is given exactly where the op it warns of fails.
+    assert probe["empty_tensor_failed"] == warned
+    assert len(probe["warnings"]) == int(warned)
+    if warned:
+        message = probe["warnings"][0]
+        assert allocator.POOL_VARIABLE in message
+        assert ("importing tf_moe" in message) == (pool is None)

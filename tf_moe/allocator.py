@@ -22,10 +22,13 @@ tensor a null buffer, and DTensor's eager ops refuse one ("TF_TensorData
 returned nullptr") wherever an input or output is empty, even the empty
 shape of `tf.zeros([])`. So splitting the CPU into devices for a mesh
 (`tf_moe.sharding.configure_logical_cpus`) hands the allocator back to
-malloc, unless the user chose.
+malloc, unless the user chose, and a CPU mesh made on the pool all the
+same (one unsplit device, or a user's pool) gets a warning that says so
+(`warn_if_pooled_for_dtensor`), rather than the bare error of a later op.
 """
 
 import os
+import warnings
 
 POOL_VARIABLE = "TF_CPU_ALLOCATOR_USE_BFC"
 
@@ -69,6 +72,29 @@ def use_malloc_for_dtensor():
     if os.environ.pop(CHOSEN_VARIABLE, None):
         os.environ.pop(POOL_VARIABLE, None)
     return os.environ.get(POOL_VARIABLE)
+
+
+def warn_if_pooled_for_dtensor(stacklevel=2):
+    """Warns that DTensor's eager ops on CPU devices will fail on empty
+    tensors where TensorFlow's CPU pool is asked for (the module
+    docstring). `tf_moe.sharding.make_mesh` calls it for CPU meshes.
+
+    Returns:
+        Whether it warned.
+    """
+    if os.environ.get(POOL_VARIABLE) != "1":
+        return False
+    cause = ("importing tf_moe set it, since oneDNN's kernels are off"
+             if os.environ.get(CHOSEN_VARIABLE) else "it was set")
+    warnings.warn(
+        f"{POOL_VARIABLE}=1 ({cause}): TensorFlow's pooled CPU allocator "
+        "gives empty tensors a null buffer, and DTensor's eager ops on a "
+        "CPU mesh fail on them with 'TF_TensorData returned nullptr'. Set "
+        f"{POOL_VARIABLE}=0 before TensorFlow makes its first tensor, or "
+        "split the CPU with tf_moe.sharding.configure_logical_cpus (which "
+        "takes back tf_moe's own choice).", RuntimeWarning,
+        stacklevel=stacklevel + 1)
+    return True
 
 
 def cpu_allocator_pooled():

@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from tf_moe import allocator
+
 UNSHARDED = dtensor.UNSHARDED
 
 # The default capacity factor of layers that are dropless off the mesh: the
@@ -56,6 +58,10 @@ def make_mesh(spec, device_type="CPU", devices=None):
         devices: optional local device names (e.g. `["CPU:0", "CPU:1"]`) for
             a mesh over some of this process's devices; all of the job's
             devices by default.
+
+    Warns (`tf_moe.allocator.warn_if_pooled_for_dtensor`) where a CPU
+    mesh runs on TensorFlow's pooled CPU allocator, which DTensor's eager
+    ops cannot use for empty tensors.
     """
     dims = parse_mesh_shape(spec)
     size = int(np.prod([s for _, s in dims]))
@@ -67,6 +73,10 @@ def make_mesh(spec, device_type="CPU", devices=None):
             + (f"{available} were given" if devices is not None else
                f"this job has {available} {device_type} devices (configure "
                "logical devices or launch more clients)") + ".")
+    on_cpu = (any("CPU" in str(name).upper() for name in devices)
+              if devices is not None else device_type.upper() == "CPU")
+    if on_cpu:
+        allocator.warn_if_pooled_for_dtensor(stacklevel=2)
     if devices is not None:
         return dtensor.create_mesh(dims, devices=list(devices))
     if dtensor.num_clients() > 1:

@@ -17,6 +17,10 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
         title: the figure's title.
         is_moe: `is_moe(model name)`; MoE models are drawn as solid lines
             with dots, dense baselines dotted with squares.
+
+    Returns:
+        The matplotlib figure. Each model keeps its colour in every panel,
+        also where an earlier row has no points in a panel.
     """
     import matplotlib
     matplotlib.use("Agg")
@@ -24,7 +28,7 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
     figure, axes = plt.subplots(1, len(panels), squeeze=False,
                                 figsize=(6 * len(panels), 4))
     for axis, (metric, label, log_scale) in zip(axes[0], panels):
-        for row in rows:
+        for index, row in enumerate(rows):
             curve = [point for point in row["learning_curve"]
                      if metric in point]  # Older rows lack newer metrics.
             if not curve:
@@ -32,7 +36,8 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
             axis.plot([point["trained_tokens"] / 1e6 for point in curve],
                       [point[metric] for point in curve],
                       "o-" if is_moe(row["model"]) else "s:",
-                      markersize=3, label=row.get("label", row["model"]))
+                      markersize=3, color=f"C{index % 10}",
+                      label=row.get("label", row["model"]))
         if log_scale:
             axis.set_yscale("log")
         axis.set_xlabel("training tokens (millions)")
@@ -41,3 +46,4 @@ def plot_learning_curves(rows, path, panels, title, is_moe):
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
+    return figure

@@ -342,3 +342,23 @@ def test_translation_benchmark_rejects_unknown_override(tmp_path):
         capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode != 0
     assert "gnmt's config.model has no field experts_count" in result.stderr
+
+
+def test_learning_curves_keep_each_models_colour_in_every_panel(tmp_path):
+    import curves
+    points = [{"trained_tokens": 1e6, "bleu": 1.0, "ratio": 1.2},
+              {"trained_tokens": 2e6, "bleu": 2.0, "ratio": 1.4}]
+    older = [{"trained_tokens": 1e6, "bleu": 1.0}]  # No ratio: absent there.
+    rows = [{"model": "gnmt", "learning_curve": points},
+            {"model": "moe-512-h", "learning_curve": older},
+            {"model": "moe-32", "learning_curve": points}]
+    figure = curves.plot_learning_curves(
+        rows, tmp_path / "curves.png",
+        [("bleu", "BLEU", False), ("ratio", "ratio", False)], "title",
+        lambda name: name.startswith("moe"))
+    colours = [{line.get_label(): line.get_color() for line in axis.lines}
+               for axis in figure.axes]
+    assert set(colours[1]) == {"gnmt", "moe-32"}
+    for model in ("gnmt", "moe-32"):
+        assert colours[1][model] == colours[0][model]
+    assert len(set(colours[0].values())) == 3

@@ -74,16 +74,13 @@ def use_malloc_for_dtensor():
     return os.environ.get(POOL_VARIABLE)
 
 
-def warn_if_pooled_for_dtensor(stacklevel=2):
+def warn_if_pooled_for_dtensor():
     """Warns that DTensor's eager ops on CPU devices will fail on empty
     tensors where TensorFlow's CPU pool is asked for (the module
-    docstring). `tf_moe.sharding.make_mesh` calls it for CPU meshes.
-
-    Returns:
-        Whether it warned.
-    """
+    docstring). `tf_moe.sharding.make_mesh` calls it for CPU meshes; the
+    warning points at make_mesh's caller."""
     if os.environ.get(POOL_VARIABLE) != "1":
-        return False
+        return
     cause = ("importing tf_moe set it, since oneDNN's kernels are off"
              if os.environ.get(CHOSEN_VARIABLE) else "it was set")
     warnings.warn(
@@ -92,9 +89,7 @@ def warn_if_pooled_for_dtensor(stacklevel=2):
         "CPU mesh fail on them with 'TF_TensorData returned nullptr'. Set "
         f"{POOL_VARIABLE}=0 before TensorFlow makes its first tensor, or "
         "split the CPU with tf_moe.sharding.configure_logical_cpus (which "
-        "takes back tf_moe's own choice).", RuntimeWarning,
-        stacklevel=stacklevel + 1)
-    return True
+        "takes back tf_moe's own choice).", RuntimeWarning, stacklevel=3)
 
 
 def cpu_allocator_pooled():

@@ -76,7 +76,7 @@ def make_mesh(spec, device_type="CPU", devices=None):
     on_cpu = (any("CPU" in str(name).upper() for name in devices)
               if devices is not None else device_type.upper() == "CPU")
     if on_cpu:
-        allocator.warn_if_pooled_for_dtensor(stacklevel=2)
+        allocator.warn_if_pooled_for_dtensor()
     if devices is not None:
         return dtensor.create_mesh(dims, devices=list(devices))
     if dtensor.num_clients() > 1:
